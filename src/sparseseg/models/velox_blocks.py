@@ -1,0 +1,226 @@
+"""Building blocks of VeloxSeg: JL-guided convolution (JLC), paired window attention (PWA) and their pure helpers.
+
+Layout conventions: feature maps are ``[B, C, D, H, W]``. The transformer stream keeps one feature map per
+modality stacked along channels, ``[B, M * C, D, H, W]`` (modality-major), so per-modality linear maps are grouped
+1x1 convolutions with ``groups = M``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Size3 = tuple[int, int, int]
+
+
+# --------------------------------------------------------------------------------------------------- pure functions
+
+
+def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """3-D pixel shuffle: ``[B, C * r^3, D, H, W] -> [B, C, D * r, H * r, W * r]`` with ``r = factor``."""
+    b, cr3, d, h, w = x.shape
+    c = cr3 // factor**3
+    if c * factor**3 != cr3:
+        raise ValueError(f"channels {cr3} are not divisible by factor^3 = {factor**3}")
+    x = x.view(b, c, factor, factor, factor, d, h, w)  # [B, C, r, r, r, D, H, W]
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # [B, C, D, r, H, r, W, r]
+    return x.reshape(b, c, d * factor, h * factor, w * factor)  # [B, C, D*r, H*r, W*r]
+
+
+def window_partition(x: torch.Tensor, window: Size3) -> torch.Tensor:
+    """Cut a map into non-overlapping windows: ``[B, C, D, H, W] -> [B * nW, wd * wh * ww, C]``.
+
+    Windows are ordered batch-major then in raster order; tokens inside a window in raster order.
+    """
+    b, c, d, h, w = x.shape
+    wd, wh, ww = window
+    x = x.view(b, c, d // wd, wd, h // wh, wh, w // ww, ww)  # [B, C, nD, wd, nH, wh, nW, ww]
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, nD, nH, nW, wd, wh, ww, C]
+    return x.reshape(-1, wd * wh * ww, c)  # [B * nWin, wd*wh*ww, C]
+
+
+def window_reverse(windows: torch.Tensor, window: Size3, spatial: Size3) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``[B * nW, wd * wh * ww, C] -> [B, C, D, H, W]``."""
+    wd, wh, ww = window
+    d, h, w = spatial
+    c = windows.shape[-1]
+    x = windows.view(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)  # [B, nD, nH, nW, wd, wh, ww, C]
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, nD, wd, nH, wh, nW, ww]
+    return x.reshape(-1, c, d, h, w)  # [B, C, D, H, W]
+
+
+def paired_windows(spatial: Sequence[int], num_scales: int, ratio: int = 3) -> list[tuple[Size3, Size3]]:
+    """The (big window, small window) pair of every PWA scale on a map of size ``spatial`` (D, H, W).
+
+    Scale ``k`` has big window ``ratio * 2^k`` and small window ``2^k`` per axis (clipped to the axis when the
+    axis is shorter); the coarsest scale ``num_scales - 1`` is always global (big window = the whole map,
+    small window = map / ratio). Max-pooling a big window by its small window leaves ``ratio^3`` tokens (27 for
+    the default), so every scale yields windows of the same length and all scales can share one attention call.
+
+    Raises:
+        ValueError: when a window does not tile the map (the map must be a multiple of ``ratio * 2^k`` per axis,
+            or shorter than the window and still a multiple of ``ratio``).
+    """
+    if num_scales < 1:
+        raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+    pairs = []
+    for k in range(num_scales):
+        big = tuple(n if k == num_scales - 1 else min(ratio * 2**k, n) for n in spatial)
+        for n, wb in zip(spatial, big, strict=True):
+            if n % wb != 0 or wb % ratio != 0:
+                raise ValueError(
+                    f"a feature map of size {tuple(spatial)} cannot be tiled by the PWA window {big} of scale {k} "
+                    f"(ratio {ratio}, {num_scales} scales): each side must be a multiple of {ratio} * 2^k"
+                )
+        small = tuple(wb // ratio for wb in big)
+        pairs.append((big, small))  # type: ignore[arg-type]
+    return pairs
+
+
+def num_pwa_scales(side: int, ratio: int = 3) -> int:
+    """Number of scales at a map side: windows ``ratio * 2^k`` double until one covers the side (the global one)."""
+    if side < ratio or side % ratio != 0:
+        raise ValueError(f"a feature map side of {side} is not a multiple of the PWA window ratio {ratio}")
+    scales, window = 1, ratio
+    while window < side:
+        window *= 2
+        scales += 1
+    return scales
+
+
+# --------------------------------------------------------------------------------------------------------- modules
+
+
+class ModalLayerNorm(nn.Module):
+    """LayerNorm over the ``C`` channels of each token of each modality of a ``[B, M * C, D, H, W]`` map."""
+
+    def __init__(self, num_modalities: int, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_modalities, self.channels, self.eps = num_modalities, channels, eps
+        self.weight = nn.Parameter(torch.ones(num_modalities * channels))
+        self.bias = nn.Parameter(torch.zeros(num_modalities * channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, *spatial = x.shape
+        y = x.view(b, self.num_modalities, self.channels, *spatial)  # [B, M, C, D, H, W]
+        var, mean = torch.var_mean(y, dim=2, unbiased=False, keepdim=True)
+        y = ((y - mean) * torch.rsqrt(var + self.eps)).view_as(x)  # [B, M * C, D, H, W]
+        return y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+
+
+class JLC(nn.Module):
+    """Johnson-Lindenstrauss guided convolution block (VeloxSeg): ``[B, C, D, H, W] -> [B, C, D, H, W]``.
+
+    Three parallel grouped convolutions (kernels 1, 3, 5; ``group_channels`` channels per group, the JL lower
+    bound on the width that preserves pairwise distances), each followed by InstanceNorm + GELU, are summed with
+    the input; then a residual 1x1 feed-forward network with ``expansion``.
+    """
+
+    def __init__(self, channels: int, group_channels: int, expansion: int, kernels: Sequence[int] = (1, 3, 5)) -> None:
+        super().__init__()
+        if channels % group_channels != 0:
+            raise ValueError(f"channels {channels} must be divisible by group_channels {group_channels}")
+        groups = channels // group_channels
+        self.branches = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
+                nn.InstanceNorm3d(channels, affine=True),
+                nn.GELU(),
+            )
+            for k in kernels
+        )
+        self.ffn = nn.Sequential(
+            nn.InstanceNorm3d(channels, affine=True),
+            nn.Conv3d(channels, channels * expansion, 1),
+            nn.GELU(),
+            nn.Conv3d(channels * expansion, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + sum(branch(x) for branch in self.branches)
+        return x + self.ffn(x)
+
+
+class PairedWindowAttention(nn.Module):
+    """Paired window attention over the tokens of all modalities: ``[B, M * C, D, H, W] -> [B, M * C, D, H, W]``.
+
+    Each scale ``k`` (see :func:`paired_windows`) max-pools the map by its small window, projects the pooled
+    tokens to its own ``num_heads`` heads of width ``head_dim`` (its slice of the q/k/v channels), and cuts the
+    pooled map into windows of ``ratio^3`` tokens. The windows of every modality are concatenated (joint, cross-
+    modal attention over ``M * ratio^3`` tokens) and the windows of every scale are stacked along the batch, so
+    one ``scaled_dot_product_attention`` call serves all scales. Each output token is copied back over its small
+    window (nearest upsampling inside the big window); the scales' outputs are concatenated and mixed per
+    modality by a 1x1 convolution.
+    """
+
+    def __init__(
+        self, channels: int, num_modalities: int, num_scales: int, num_heads: int, head_dim: int, ratio: int = 3
+    ) -> None:
+        super().__init__()
+        self.channels, self.num_modalities, self.num_scales = channels, num_modalities, num_scales
+        self.num_heads, self.head_dim, self.ratio = num_heads, head_dim, ratio
+        m, inner = num_modalities, num_heads * head_dim
+        self.qkv = nn.ModuleList(nn.Conv3d(m * channels, m * 3 * inner, 1, groups=m) for _ in range(num_scales))
+        self.proj = nn.Conv3d(m * num_scales * inner, m * channels, 1, groups=m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, *spatial = x.shape
+        m, h, hd, r3 = self.num_modalities, self.num_heads, self.head_dim, self.ratio**3
+        pairs = paired_windows(spatial, self.num_scales, self.ratio)
+        queries, keys, values, layouts = [], [], [], []
+        for (_, small), qkv in zip(pairs, self.qkv, strict=True):
+            pooled = F.max_pool3d(x, small, small) if small != (1, 1, 1) else x  # [B, M*C, P1, P2, P3]
+            t = window_partition(qkv(pooled), (self.ratio,) * 3)  # [B*nW, r^3, M*3*h*hd]
+            t = t.view(t.shape[0], r3, m, 3, h, hd).permute(3, 0, 4, 2, 1, 5)  # [3, B*nW, h, M, r^3, hd]
+            t = t.reshape(3, -1, h, m * r3, hd)  # [3, B*nW, h, M*r^3, hd]
+            queries.append(t[0])
+            keys.append(t[1])
+            values.append(t[2])
+            layouts.append((t.shape[1], tuple(pooled.shape[2:]), small))
+        out = F.scaled_dot_product_attention(torch.cat(queries), torch.cat(keys), torch.cat(values))  # [ΣnW,h,Mr^3,hd]
+        scales = []
+        for o, (n_win, pooled_size, small) in zip(out.split([lay[0] for lay in layouts]), layouts, strict=True):
+            o = o.view(n_win, h, m, r3, hd).permute(0, 3, 2, 1, 4).reshape(n_win, r3, m * h * hd)  # [nW, r^3, M*h*hd]
+            o = window_reverse(o, (self.ratio,) * 3, pooled_size)  # [B, M*h*hd, P1, P2, P3]
+            if small != (1, 1, 1):
+                o = F.interpolate(o, size=tuple(spatial), mode="nearest")  # [B, M*h*hd, D, H, W]
+            scales.append(o.view(b, m, h * hd, *spatial))  # [B, M, h*hd, D, H, W]
+        return self.proj(torch.cat(scales, dim=2).flatten(1, 2))  # [B, M*S*h*hd, ...] -> [B, M*C, D, H, W]
+
+
+class PWABlock(nn.Module):
+    """Transformer-stream block: depthwise positional conv, pre-norm PWA and a pre-norm per-modality MLP.
+
+    ``[B, M * C, D, H, W] -> [B, M * C, D, H, W]``; every linear map is per modality (grouped).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_modalities: int,
+        num_scales: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_ratio: int,
+        ratio: int = 3,
+    ) -> None:
+        super().__init__()
+        mc = num_modalities * channels
+        # Attention inside 27-token windows is blind to token order; a depthwise conv gives it position.
+        self.pos = nn.Conv3d(mc, mc, 3, padding=1, groups=mc)
+        self.norm1 = ModalLayerNorm(num_modalities, channels)
+        self.attn = PairedWindowAttention(channels, num_modalities, num_scales, num_heads, head_dim, ratio)
+        self.norm2 = ModalLayerNorm(num_modalities, channels)
+        self.mlp = nn.Sequential(
+            nn.Conv3d(mc, mc * mlp_ratio, 1, groups=num_modalities),
+            nn.GELU(),
+            nn.Conv3d(mc * mlp_ratio, mc, 1, groups=num_modalities),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos(x)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
