@@ -7,6 +7,7 @@ from sparseseg.models import create_model
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.sdkt import gram_matrix
 from sparseseg.models.velox_blocks import (
+    ModalLayerNorm,
     PairedWindowAttention,
     num_pwa_scales,
     paired_windows,
@@ -60,6 +61,12 @@ def test_pixel_shuffle_3d_places_subvoxels():
     assert y.shape == (1, 2, 6, 8, 10)
     for c, i, j, k, d, h, w in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 0, 1, 2, 3, 4), (0, 1, 1, 0, 1, 2, 3)]:
         assert y[0, c, d * r + i, h * r + j, w * r + k] == x[0, c * r**3 + i * r * r + j * r + k, d, h, w]
+
+
+def test_modal_layer_norm_normalises_each_modality_token():
+    x = torch.randn(2, 16, 3, 4, 5)
+    ref = torch.nn.functional.layer_norm(x.view(2, 2, 8, 3, 4, 5).movedim(2, -1), (8,), eps=1e-6)  # [B, M, ..., C]
+    torch.testing.assert_close(ModalLayerNorm(2, 8)(x), ref.movedim(-1, 2).reshape_as(x))
 
 
 def test_attention_is_joint_across_modalities():

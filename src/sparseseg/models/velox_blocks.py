@@ -106,7 +106,9 @@ class ModalLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, *spatial = x.shape
         y = x.view(b, self.num_modalities, self.channels, *spatial)  # [B, M, C, D, H, W]
-        var, mean = torch.var_mean(y, dim=2, unbiased=False, keepdim=True)
+        # Two plain reductions: torch.var_mean over a middle dimension is ~10x slower on CPU.
+        mean = y.mean(2, keepdim=True)
+        var = (y - mean).square().mean(2, keepdim=True)
         y = ((y - mean) * torch.rsqrt(var + self.eps)).view_as(x)  # [B, M * C, D, H, W]
         return y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
 
