@@ -1,0 +1,276 @@
+"""TokenSeg: hierarchical visual token compression for 3D segmentation (SPEC section 2; design in docs/tokenseg.md).
+
+Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2, 1/4, 1/8, 1/16):
+
+1. **Multi-scale hierarchical encoder**: a narrow full-resolution stem and four strided residual CNN stages. A
+   level-``l`` *cell* is the ``stride^3`` image block under one voxel of that level's map (an octree: one cell of
+   a level holds 8 cells of the finer one); the strided stages pool it into that voxel's feature vector.
+2. **Candidate proposal**: a 1x1x1 conv per level scores every cell (trained by BCE towards the cell's boundary
+   fraction); the top ``tokens_per_level[l]`` cells of each level become candidates, 400 in all. Their features
+   are projected to ``token_size`` (one Linear per level) and LayerNorm-ed.
+3. **Boundary-aware tokenizer**: VQ-VAE quantisation of the candidates (:mod:`sparseseg.models.vq`), then a fixed
+   sin-cos embedding of the cell centre and a learned level embedding are added; an importance scorer keeps
+   ``num_keep`` (100) tokens with the STP straight-through Gumbel top-K (training) or a plain top-K (eval), and is
+   supervised by BCE towards each candidate's boundary fraction (:mod:`sparseseg.models.boundary`).
+4. **Token mixer**: ``mixer_depth`` Transformer blocks over the kept tokens only (global context at ~100 tokens).
+5. **Sparse-to-dense decoder**: coarse-to-fine; at each level the decoder map = upsampled coarser map + encoder
+   skip + reprojection, where kept tokens (quantised, mixed) and dropped candidates (un-quantised, unmixed, cheap)
+   write their per-level projection into their cell and every cell gets a learned per-level fill vector.
+   Additive skips keep the full-resolution part at ``feature_size`` channels (one 3^3 conv there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks.dynunet_block import UnetResBlock
+
+from sparseseg.models.boundary import TokenSelection, boundary_band, cell_band_fraction
+from sparseseg.models.output import SegmentationOutput
+from sparseseg.models.registry import register_model
+from sparseseg.models.tokens import gather_tokens, soft_topk
+from sparseseg.models.tokenseg_blocks import ImportanceScorer, TokenBlock, sincos_3d, split_candidates
+from sparseseg.models.vq import VectorQuantizer
+
+NUM_LEVELS = 4
+DEFAULT_SHARES = (0.4, 0.3, 0.2, 0.1)  # finest to coarsest: 160 / 120 / 80 / 40 of 400
+
+
+@dataclass
+class TokenizerOutput:
+    """What :meth:`TokenSeg.forward_encoder` returns (shapes with N candidates and K kept tokens)."""
+
+    features: list[torch.Tensor]  # encoder maps, full resolution then levels 1/2 .. 1/16: [B, C_l, *grid]
+    kept: torch.Tensor  # [B, K, T] kept tokens after the mixer and its LayerNorm
+    dropped: torch.Tensor  # [B, N - K, T] un-quantised dropped candidates (scaled by the ST drop mask)
+    keep_idx: torch.Tensor  # [B, K] indices into the candidates, ascending
+    drop_idx: torch.Tensor  # [B, N - K]
+    cand_cells: torch.Tensor  # [B, N] flat cell index of each candidate in its level's grid
+    score_logits: torch.Tensor  # [B, N] importance logits
+    proposal_logits: list[torch.Tensor]  # per level [B, N_cells_l]
+    codes: torch.Tensor  # [B, N] VQ code of each candidate
+    vq_losses: tuple[torch.Tensor, torch.Tensor]  # codebook loss, commitment loss
+
+
+@register_model("tokenseg", presets={"btcv": {}, "brats": {}})
+class TokenSeg(nn.Module):
+    """TokenSeg for ``[B, in_channels, *img_size] -> [B, out_channels, *img_size]``.
+
+    Args:
+        in_channels, out_channels, img_size: geometry; every ``img_size`` entry must be divisible by 16.
+        feature_size: encoder/decoder width at full resolution; level ``l`` has ``feature_size * 2^(l+1)``.
+        token_size: width of tokens, codes and the token mixer.
+        num_candidates: candidate tokens over the four levels (400).
+        tokens_per_level: candidates per level, finest first, summing to ``num_candidates``; ``None`` takes the
+            shares 40/30/20/10 % (160/120/80/40), moving what a small level cannot hold to the finer levels.
+        num_keep: tokens kept by the importance scorer (100); a plain attribute, changeable at inference.
+        codebook_size: VQ codes (4096). mixer_depth, num_heads: Transformer blocks and heads over kept tokens.
+        tau: soft top-K temperature. norm_name: MONAI norm of the residual stages.
+        band_radius: boundary band half-width in voxels (a cell's target = its fraction inside the band).
+        vq_weight, commitment_beta, boundary_weight, proposal_weight: auxiliary loss weights.
+
+    Examples:
+        >>> model = TokenSeg(in_channels=1, out_channels=2, img_size=32, tokens_per_level=(40, 30, 20, 8),
+        ...                  num_candidates=98, num_keep=24, codebook_size=64, token_size=48)
+        >>> model.eval()(torch.randn(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 2, 32, 32, 32])
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 14,
+        img_size: int | Sequence[int] = 96,
+        feature_size: int = 8,
+        token_size: int = 128,
+        num_candidates: int = 400,
+        tokens_per_level: Sequence[int] | None = None,
+        num_keep: int = 100,
+        codebook_size: int = 4096,
+        mixer_depth: int = 2,
+        num_heads: int = 4,
+        tau: float = 1.0,
+        norm_name: str = "instance",
+        band_radius: int = 2,
+        vq_weight: float = 1.0,
+        commitment_beta: float = 0.25,
+        boundary_weight: float = 1.0,
+        proposal_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        size = (img_size,) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        if len(size) != 3 or any(s <= 0 or s % 16 for s in size):
+            raise ValueError(f"img_size must be 3 positive sizes divisible by 16, got {img_size}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("feature_size", feature_size), ("codebook_size", codebook_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if mixer_depth < 0:
+            raise ValueError(f"mixer_depth must be >= 0, got {mixer_depth}")
+        if band_radius < 1:
+            raise ValueError(f"band_radius must be >= 1, got {band_radius}")
+        self.strides = tuple(2 ** (level + 1) for level in range(NUM_LEVELS))
+        self.grid_sizes = tuple(tuple(s // st for s in size) for st in self.strides)
+        cells = [g[0] * g[1] * g[2] for g in self.grid_sizes]
+        if tokens_per_level is None:
+            if num_candidates < NUM_LEVELS:
+                raise ValueError(f"num_candidates must be >= {NUM_LEVELS}, got {num_candidates}")
+            tokens_per_level = split_candidates(num_candidates, cells, DEFAULT_SHARES)
+        tokens_per_level = [int(n) for n in tokens_per_level]
+        if len(tokens_per_level) != NUM_LEVELS:
+            raise ValueError(f"tokens_per_level needs {NUM_LEVELS} entries, got {tokens_per_level}")
+        if sum(tokens_per_level) != num_candidates:
+            raise ValueError(f"tokens_per_level {tokens_per_level} sums to {sum(tokens_per_level)}, "
+                             f"not num_candidates={num_candidates}")
+        for level, (n, c) in enumerate(zip(tokens_per_level, cells, strict=True)):
+            if not 1 <= n <= c:
+                raise ValueError(f"tokens_per_level[{level}]={n} must be in [1, {c}] (cells of level {level})")
+        self.img_size = size
+        self.tokens_per_level = tuple(tokens_per_level)
+        self.num_candidates = num_candidates
+        self.num_keep = num_keep
+        self._check_num_keep()
+        self.tau = tau
+        self.band_radius = band_radius
+        self.vq_weight, self.commitment_beta = vq_weight, commitment_beta
+        self.boundary_weight, self.proposal_weight = boundary_weight, proposal_weight
+        levels = torch.cat([torch.full((n,), lv) for lv, n in enumerate(tokens_per_level)])
+        self.register_buffer("cand_levels", levels, persistent=False)  # [N] level of each candidate (static)
+        self.register_buffer("grid_table", torch.tensor(self.grid_sizes), persistent=False)  # [4, 3]
+        self.register_buffer("stride_table", torch.tensor(self.strides, dtype=torch.float32), persistent=False)
+
+        ch = [feature_size * 2**i for i in range(NUM_LEVELS + 1)]  # full resolution, then levels 1/2 .. 1/16
+        # No normalisation at full resolution: cheaper, and it helped the demo's Dice (SPEC section 5).
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, ch[0], 3, padding=1), nn.LeakyReLU(0.01, inplace=True))
+        self.stages = nn.ModuleList(UnetResBlock(3, ch[i], ch[i + 1], 3, 2, norm_name) for i in range(NUM_LEVELS))
+        self.proposal = nn.ModuleList(nn.Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
+        self.token_embed = nn.ModuleList(nn.Linear(ch[i + 1], token_size) for i in range(NUM_LEVELS))
+        self.token_norm = nn.LayerNorm(token_size, eps=1e-6)
+        self.vq = VectorQuantizer(codebook_size, token_size)
+        self.level_embed = nn.Parameter(torch.zeros(NUM_LEVELS, token_size))
+        self.scorer = ImportanceScorer(token_size)
+        self.mixer = nn.Sequential(*(TokenBlock(token_size, num_heads) for _ in range(mixer_depth)))
+        self.mixer_norm = nn.LayerNorm(token_size, eps=1e-6)
+        self.reproject = nn.ModuleList(nn.Linear(token_size, ch[i + 1]) for i in range(NUM_LEVELS))
+        self.fill = nn.ParameterList(nn.Parameter(torch.zeros(ch[i + 1])) for i in range(NUM_LEVELS))
+        self.up = nn.ModuleList(nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(NUM_LEVELS))
+        self.decode = nn.ModuleList(UnetResBlock(3, ch[i], ch[i], 3, 1, norm_name) for i in range(1, NUM_LEVELS))
+        self.head = nn.Sequential(nn.Conv3d(ch[0], ch[0], 3, padding=1), nn.LeakyReLU(0.01, inplace=True),
+                                  nn.Conv3d(ch[0], out_channels, 1))
+
+    def _check_num_keep(self) -> None:
+        if not 1 <= self.num_keep <= self.num_candidates:
+            raise ValueError(f"num_keep must be in [1, num_candidates={self.num_candidates}], got {self.num_keep}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"expected input [B, C, {', '.join(map(str, self.img_size))}], got {tuple(x.shape)}")
+
+    def _propose(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Top cells of every level: candidates ``[B, N, T]``, their flat cells ``[B, N]``, proposal logits."""
+        tokens, cells, logits = [], [], []
+        for level, n in enumerate(self.tokens_per_level):
+            f = feats[level + 1]
+            logit = self.proposal[level](f).flatten(1)  # [B, 1, d, h, w] -> [B, N_cells]
+            idx = logit.detach().topk(n, dim=1).indices.sort(dim=1).values  # [B, n] ascending
+            tok = gather_tokens(f.flatten(2).transpose(1, 2), idx)  # [B, C_l, d, h, w] -> [B, n, C_l]
+            tokens.append(self.token_embed[level](tok))  # [B, n, T]
+            cells.append(idx)
+            logits.append(logit)
+        return torch.cat(tokens, 1), torch.cat(cells, 1), logits  # [B, N, T], [B, N]
+
+    def _cell_coords(self, cells: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Flat cell index + level ``[B, N]`` -> (z, y, x) in the level's grid ``[B, N, 3]``."""
+        grid = self.grid_table[levels]  # [B, N, 3]
+        h, w = grid[..., 1], grid[..., 2]
+        return torch.stack([cells // (h * w), (cells // w) % h, cells % w], dim=-1)  # [B, N, 3]
+
+    def forward_encoder(self, x: torch.Tensor) -> TokenizerOutput:
+        """Encoder, candidate proposal, VQ tokenizer, importance top-K and token mixer (no decoder)."""
+        self._check_input(x)
+        self._check_num_keep()
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        cand, cand_cells, proposal_logits = self._propose(feats)
+        z = self.token_norm(cand)  # [B, N, T]
+        q = self.vq(z)
+        levels = self.cand_levels.expand_as(cand_cells)  # [B, N]
+        centre = (self._cell_coords(cand_cells, levels).to(z.dtype) + 0.5) * self.stride_table[levels][..., None]
+        pos = sincos_3d(centre, z.shape[-1]) + self.level_embed[levels]  # [B, N, T]
+        tokens = q.tokens + pos
+        score_logits = self.scorer(tokens)  # [B, N]
+        sel = soft_topk(F.logsigmoid(score_logits), self.num_keep, tau=self.tau, noise=self.training,
+                        differentiable=self.training)
+        kept = gather_tokens(tokens, sel.keep_idx) * sel.keep_mask[..., None]  # [B, K, T]
+        kept = self.mixer_norm(self.mixer(kept))
+        dropped = gather_tokens(z + pos, sel.drop_idx) * sel.drop_mask[..., None]  # [B, N - K, T]
+        return TokenizerOutput(feats, kept, dropped, sel.keep_idx, sel.drop_idx, cand_cells, score_logits,
+                               proposal_logits, q.codes, (q.codebook_loss, q.commitment_loss))
+
+    def _reproject(self, y: torch.Tensor, level: int, enc: TokenizerOutput) -> torch.Tensor:
+        """Add the fill vector and the tokens of ``level`` into their cells of the map ``y`` ``[B, C_l, *grid]``."""
+        idx = torch.cat([enc.keep_idx, enc.drop_idx], 1)  # [B, N]
+        values = torch.cat([enc.kept, enc.dropped], 1)  # [B, N, T]
+        here = self.cand_levels[idx] == level  # [B, N]
+        slot = torch.where(here, enc.cand_cells.gather(1, idx), 0)  # [B, N]; other levels add zeros at cell 0
+        values = self.reproject[level](values) * here[..., None]  # [B, N, C_l]
+        y = y + self.fill[level].view(1, -1, 1, 1, 1)
+        flat = y.flatten(2).scatter_add(2, slot[:, None].expand(-1, y.shape[1], -1), values.transpose(1, 2))
+        return flat.view_as(y)  # [B, C_l, d*h*w] -> [B, C_l, d, h, w]
+
+    def _decode(self, enc: TokenizerOutput) -> torch.Tensor:
+        feats = enc.features
+        y = self._reproject(feats[NUM_LEVELS], NUM_LEVELS - 1, enc)  # bottleneck at 1/16
+        for level in reversed(range(NUM_LEVELS - 1)):  # 1/8, 1/4, 1/2
+            y = self.up[level + 1](y) + feats[level + 1]
+            y = self.decode[level](self._reproject(y, level, enc))
+        return self.head(self.up[0](y) + feats[0])  # full resolution, additive skip
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+        """``x`` ``[B, in_channels, *img_size]`` -> logits (eval) or :class:`SegmentationOutput` (training)."""
+        enc = self.forward_encoder(x)
+        logits = self._decode(enc)
+        if not self.training:
+            return logits
+        codebook_loss, commitment_loss = enc.vq_losses
+        aux = {"vq_codebook": self.vq_weight * codebook_loss,
+               "vq_commitment": self.vq_weight * self.commitment_beta * commitment_loss}
+        if target is not None:
+            aux.update(self._boundary_losses(enc, target))
+        return SegmentationOutput(logits, aux)
+
+    def _boundary_losses(self, enc: TokenizerOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BCE of the importance and proposal logits towards each cell's fraction inside the boundary band."""
+        band = boundary_band(target, self.band_radius)  # [B, 1, D, H, W]
+        fractions = [cell_band_fraction(band, s).to(enc.score_logits.dtype) for s in self.strides]  # [B, N_l]
+        proposal = sum(F.binary_cross_entropy_with_logits(lg, fr) for lg, fr in
+                       zip(enc.proposal_logits, fractions, strict=True)) / NUM_LEVELS
+        offsets = torch.tensor([0] + [f.shape[1] for f in fractions[:-1]], device=band.device).cumsum(0)  # [4]
+        cand_target = torch.cat(fractions, 1).gather(1, enc.cand_cells + offsets[self.cand_levels])  # [B, N]
+        score = F.binary_cross_entropy_with_logits(enc.score_logits, cand_target)
+        return {"boundary": self.boundary_weight * score, "proposal": self.proposal_weight * proposal}
+
+    @torch.no_grad()
+    def select_tokens(self, x: torch.Tensor) -> TokenSelection:
+        """The tokens the model keeps for ``x`` (eval behaviour, deterministic), ready to draw.
+
+        Returns a :class:`~sparseseg.models.boundary.TokenSelection`: ``levels`` ``[B, K]`` (0 = finest, stride 2),
+        ``cells`` ``[B, K, 3]`` and ``scores``; ``level_maps()`` / ``voxel_map()`` give per-level and image-size
+        maps, and :func:`~sparseseg.models.boundary.selected_boundary_fraction` scores them against a label.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.forward_encoder(x)
+        finally:
+            self.train(was_training)
+        levels = self.cand_levels[enc.keep_idx]  # [B, K]
+        cells = self._cell_coords(enc.cand_cells.gather(1, enc.keep_idx), levels)  # [B, K, 3]
+        scores = F.logsigmoid(enc.score_logits.gather(1, enc.keep_idx))  # [B, K]
+        return TokenSelection(levels, cells, scores, self.strides, self.grid_sizes)
