@@ -33,7 +33,9 @@ def test_authors_setting_parameter_count_and_scales():
     assert model.num_scales == (4, 3, 2, 1)  # 24^3, 12^3, 6^3, 3^3 maps: windows 3..24, 3..12, 3..6, 3
 
 
-@pytest.mark.parametrize("spatial,num_scales,ratio", [((24, 24, 24), 4, 3), ((12, 12, 6), 3, 3), ((32, 16, 8), 4, 4)])
+@pytest.mark.parametrize(
+    "spatial,num_scales,ratio", [((24, 24, 24), 4, 3), ((12, 12, 6), 3, 3), ((32, 16, 8), 4, 4), ((72, 24, 12), 5, 3)]
+)
 def test_windows_cover_every_voxel_once_per_scale(spatial, num_scales, ratio):
     index = torch.arange(torch.Size(spatial).numel(), dtype=torch.float64).view(1, 1, *spatial)
     pairs = paired_windows(spatial, num_scales, ratio)
@@ -52,6 +54,10 @@ def test_paired_windows_rejects_untileable_maps():
     with pytest.raises(ValueError):
         num_pwa_scales(8, 3)
     assert num_pwa_scales(24, 3) == 4 and num_pwa_scales(3, 3) == 1
+    # 72 = 3 * 24: local windows 3, 6, 12, 24 tile it, 48 does not, so the fifth scale is the global one.
+    assert num_pwa_scales(72, 3) == 5
+    expected = [(3, 3, 3), (6, 6, 6), (12, 12, 12), (24, 24, 24), (72, 24, 24)]
+    assert [big for big, _ in paired_windows((72, 24, 24), 5, 3)] == expected
 
 
 def test_pixel_shuffle_3d_places_subvoxels():

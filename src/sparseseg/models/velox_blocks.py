@@ -52,41 +52,44 @@ def window_reverse(windows: torch.Tensor, window: Size3, spatial: Size3) -> torc
     return x.reshape(-1, c, d, h, w)  # [B, C, D, H, W]
 
 
+def _tiles(side: int, window: int) -> bool:
+    """A local (non-global) window: it tiles the axis and is smaller than it."""
+    return window < side and side % window == 0
+
+
 def paired_windows(spatial: Sequence[int], num_scales: int, ratio: int = 3) -> list[tuple[Size3, Size3]]:
     """The (big window, small window) pair of every PWA scale on a map of size ``spatial`` (D, H, W).
 
-    Scale ``k`` has big window ``ratio * 2^k`` and small window ``2^k`` per axis (clipped to the axis when the
-    axis is shorter); the coarsest scale ``num_scales - 1`` is always global (big window = the whole map,
-    small window = map / ratio). Max-pooling a big window by its small window leaves ``ratio^3`` tokens (27 for
-    the default), so every scale yields windows of the same length and all scales can share one attention call.
+    Per axis of length ``n``, scale ``k`` has big window ``ratio * 2^k`` while that window tiles the axis and is
+    shorter than it, else the whole axis; the coarsest scale ``num_scales - 1`` is always global. The small window
+    is ``big / ratio``: max-pooling a big window by its small window leaves ``ratio^3`` tokens (27 for the
+    default), so every scale yields windows of the same length and all scales share one attention call.
 
     Raises:
-        ValueError: when a window does not tile the map (the map must be a multiple of ``ratio * 2^k`` per axis,
-            or shorter than the window and still a multiple of ``ratio``).
+        ValueError: when an axis is not a multiple of ``ratio`` (no window of ``ratio^3`` pooled tokens tiles it).
     """
     if num_scales < 1:
         raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+    if any(n < ratio or n % ratio != 0 for n in spatial):
+        raise ValueError(
+            f"a feature map of size {tuple(spatial)} cannot be tiled by PWA windows of {ratio}^3 pooled tokens: "
+            f"each side must be a multiple of {ratio}"
+        )
     pairs = []
     for k in range(num_scales):
-        big = tuple(n if k == num_scales - 1 else min(ratio * 2**k, n) for n in spatial)
-        for n, wb in zip(spatial, big, strict=True):
-            if n % wb != 0 or wb % ratio != 0:
-                raise ValueError(
-                    f"a feature map of size {tuple(spatial)} cannot be tiled by the PWA window {big} of scale {k} "
-                    f"(ratio {ratio}, {num_scales} scales): each side must be a multiple of {ratio} * 2^k"
-                )
+        local = k < num_scales - 1
+        big = tuple(ratio * 2**k if local and _tiles(n, ratio * 2**k) else n for n in spatial)
         small = tuple(wb // ratio for wb in big)
         pairs.append((big, small))  # type: ignore[arg-type]
     return pairs
 
 
 def num_pwa_scales(side: int, ratio: int = 3) -> int:
-    """Number of scales at a map side: windows ``ratio * 2^k`` double until one covers the side (the global one)."""
+    """Scales on an axis of ``side``: local windows ``ratio * 2^k`` double while they tile it, plus the global one."""
     if side < ratio or side % ratio != 0:
         raise ValueError(f"a feature map side of {side} is not a multiple of the PWA window ratio {ratio}")
-    scales, window = 1, ratio
-    while window < side:
-        window *= 2
+    scales = 1
+    while _tiles(side, ratio * 2 ** (scales - 1)):
         scales += 1
     return scales
 
