@@ -1,0 +1,188 @@
+"""NIfTI input and output with the geometry kept (affine, spacing, orientation), and atomic writes.
+
+Images are returned channel-first, ``[C, D, H, W]`` in the voxel order of the file (no reorientation here: the
+preprocessing does that and undoes it). A multi-channel case is either one 4-D NIfTI ``[X, Y, Z, C]`` (MSD) or
+one 3-D file per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...). Every problem with a file raises
+:class:`~sparseseg.errors.InputError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from sparseseg.errors import InputError
+
+log = logging.getLogger(__name__)
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """A channel-first array ``[C, D, H, W]`` with the affine and header of the (first) file it came from."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))  # type: ignore[return-value]
+
+
+def strip_nifti_ending(name: str) -> str:
+    """``"case_01.nii.gz"`` -> ``"case_01"``."""
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).endswith(NIFTI_ENDINGS)
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".replace("\n", " ").strip()
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a NIfTI file fully; missing, unreadable or corrupt files raise :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if not is_nifti(path):
+        raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for truncated or corrupt files
+        raise InputError(f"cannot read NIfTI ({_one_line(err)})", path) from err
+    if data.ndim < 3:
+        raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", path)
+    return data, img
+
+
+def read_header_shape(path: str | Path) -> tuple[int, ...]:
+    """The array shape from the header only (cheap), for up-front checks."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as err:
+        raise InputError(f"cannot read NIfTI header ({_one_line(err)})", path) from err
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise InputError(f"contains {bad} NaN/Inf voxel(s)", path)
+
+
+def load_image(paths: Sequence[str | Path]) -> Volume:
+    """Load one case: a single 3-D/4-D file or one 3-D file per channel. Returns ``[C, D, H, W]`` float32."""
+    if not paths:
+        raise InputError("a case has no image files")
+    channels: list[np.ndarray] = []
+    first: nib.Nifti1Image | None = None
+    for p in paths:
+        p = Path(p)
+        data, img = read_nifti(p)
+        _check_finite(data, p)
+        if data.ndim == 3:
+            data = data[None]  # [X, Y, Z] -> [1, X, Y, Z]
+        elif data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)  # [X, Y, Z, C] -> [C, X, Y, Z]
+        else:
+            raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", p)
+        if first is None:
+            first = img
+        elif data.shape[1:] != channels[0].shape[1:]:
+            raise InputError(
+                f"channel shape {data.shape[1:]} differs from {channels[0].shape[1:]} of {paths[0]}", p
+            )
+        elif not np.allclose(img.affine, first.affine, atol=1e-3):
+            log.warning("%s: affine differs from the first channel %s; using the first channel's", p, paths[0])
+        channels.append(data.astype(np.float32, copy=False))
+    array = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=0)
+    assert first is not None
+    affine = np.asarray(first.affine, dtype=np.float64)
+    return Volume(array=array, affine=affine, header=first.header, path=Path(paths[0]))
+
+
+def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
+               label_values: Iterable[int] | None = None) -> Volume:
+    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values."""
+    path = Path(path)
+    data, img = read_nifti(path)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]  # [X, Y, Z, 1] -> [X, Y, Z]
+    if data.ndim != 3:
+        raise InputError(f"a label map must be 3-D, got shape {data.shape}", path)
+    if spatial_shape is not None and tuple(data.shape) != tuple(spatial_shape):
+        raise InputError(f"label shape {tuple(data.shape)} differs from image shape {tuple(spatial_shape)}", path)
+    if np.issubdtype(data.dtype, np.floating):
+        _check_finite(data, path)
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise InputError("label map holds non-integer values", path)
+        data = rounded
+    labels = data.astype(np.int64)
+    if label_values is not None:
+        allowed = np.asarray(sorted(set(label_values)))
+        unexpected = np.setdiff1d(np.unique(labels), allowed)
+        if unexpected.size:
+            raise InputError(
+                f"label value(s) {unexpected.tolist()} not in the dataset labels {allowed.tolist()}", path
+            )
+    return Volume(array=labels[None], affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_nifti(array: np.ndarray, path: str | Path, affine: np.ndarray,
+               header: nib.Nifti1Header | None = None, dtype: np.dtype | type | None = None) -> Path:
+    """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) atomically with the given geometry.
+
+    When ``header`` is given (the input's), its qform/sform codes and units are kept so viewers show the
+    prediction exactly on top of the image.
+    """
+    array = np.asarray(array)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(array, affine, header=hdr)
+    img.set_data_dtype(array.dtype)
+    if header is not None:
+        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))

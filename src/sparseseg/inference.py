@@ -1,0 +1,174 @@
+"""Sliding-window inference from a checkpoint alone: ``predict(checkpoint, inputs, output_dir)``.
+
+The model (registered name + arguments) and the preprocessing (:class:`~sparseseg.data.transforms.DataConfig`)
+are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding window (Gaussian
+blending), its probabilities are mapped back onto the input's exact grid (shape and affine) by inverting the
+spatial preprocessing, and one ``CASE.nii.gz`` is written per case (nnU-Net naming: ``CASE_0000.nii.gz``,
+``CASE_0001.nii.gz`` -> ``CASE``).
+
+Examples:
+    >>> predict("runs/spleen/best.pt", "Task09_Spleen/imagesTs", "preds/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from sparseseg.config import resolve_device
+from sparseseg.data.io import is_nifti, read_header_shape, save_nifti, strip_nifti_ending
+from sparseseg.data.transforms import (
+    DataConfig,
+    build_transforms,
+    invert_to_input,
+    regions_to_labels,
+    unwrap_input_errors,
+)
+from sparseseg.errors import InputError
+from sparseseg.training.checkpoint import load_checkpoint, model_from_checkpoint
+from sparseseg.training.validation import sliding_window_logits
+
+log = logging.getLogger(__name__)
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | None = None) -> None:
+    """Test-time pruning ratio: ``model.set_prune_ratio(r)`` when the model has it, else the ``prune_ratio``
+    attribute; a model without token pruning raises InputError."""
+    if not 0.0 <= prune_ratio < 1.0:
+        raise InputError(f"prune ratio must be in [0, 1), got {prune_ratio}", source)
+    if callable(getattr(model, "set_prune_ratio", None)):
+        model.set_prune_ratio(prune_ratio)
+    elif hasattr(model, "prune_ratio"):
+        model.prune_ratio = prune_ratio
+    else:
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no pruning ratio",
+                         source)
+
+
+def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int) -> dict[str, list[Path]]:
+    """Group input NIfTI files (files and/or folders) into cases ``{name: [channel files]}``.
+
+    ``CASE_0000.nii.gz ... CASE_{C-1:04d}.nii.gz`` form one case ``CASE``; any other file is one case (a 4-D file
+    holds all channels). The channel count of every case is checked against ``in_channels`` from the headers.
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f))
+            if not found:
+                raise InputError("folder holds no .nii/.nii.gz files", p)
+            files += found
+        elif p.is_file():
+            if not is_nifti(p):
+                raise InputError("not a NIfTI file (expected .nii or .nii.gz)", p)
+            files.append(p)
+        else:
+            raise InputError("input not found", p)
+    grouped: dict[str, dict[int, Path]] = {}
+    for f in files:
+        stem = strip_nifti_ending(f.name)
+        m = _CHANNEL_SUFFIX.match(stem)
+        name, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if channel in grouped.setdefault(name, {}):
+            raise InputError(f"case {name!r} appears twice (also {grouped[name][channel]})", f)
+        grouped[name][channel] = f
+    cases = {}
+    for name, chans in grouped.items():
+        paths = [chans[c] for c in sorted(chans)]
+        if sorted(chans) != list(range(len(chans))):
+            raise InputError(f"case {name!r}: channel files must be numbered _0000, _0001, ...", paths[0])
+        shapes = [read_header_shape(p) for p in paths]
+        count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
+        if count != in_channels:
+            raise InputError(f"case {name!r} has {count} channel(s), the checkpoint expects {in_channels}", paths[0])
+        cases[name] = paths
+    return cases
+
+
+def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
+    out = output_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError("output must be a folder, not a file", output_dir)
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    for p in [Path(i).resolve() for i in items] + [f.resolve() for fs in cases.values() for f in fs]:
+        if p == out or out in p.parents:
+            raise InputError(f"output folder equals or contains the input {p}", output_dir)
+
+
+def _case_probabilities(model: nn.Module, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
+                        overlap: float, sw_batch_size: int) -> torch.Tensor:
+    """Probabilities ``[K, X, Y, Z]`` on the grid of the case's input file."""
+    with unwrap_input_errors():
+        d = pipeline({"image": [str(p) for p in case]})
+    image = d["image"]
+    logits = sliding_window_logits(model, image.as_tensor()[None].to(device), data_cfg.roi_size, sw_batch_size,
+                                   overlap)  # [1, C, d, h, w] -> [1, K, d, h, w]
+    probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
+    return invert_to_input(probs, image, pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+
+
+@torch.inference_mode()
+def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
+            prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
+            save_probabilities: bool = False) -> list[Path]:
+    """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
+
+    Args:
+        checkpoint: a ``best.pt``/``last.pt`` written by :func:`sparseseg.training.train`.
+        inputs: NIfTI files and/or folders of them; channel files ``CASE_XXXX`` are grouped into one case.
+        output_dir: folder for the label maps (created); must not equal or contain an input.
+        prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
+        overlap: sliding-window overlap in [0, 1).
+        sw_batch_size: windows per forward pass.
+        device: ``auto``, ``cpu``, ``cuda``, ...
+        save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32).
+
+    Returns:
+        The written label files, one per case, in case-name order. Labels are the dataset's label values
+        (regions are painted back into label values, e.g. BraTS TC/WT/ET -> MSD labels 1/2/3).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    ckpt = load_checkpoint(checkpoint)
+    data_cfg = DataConfig.from_dict(ckpt["data"])
+    cases = collect_cases(inputs, data_cfg.in_channels)
+    output_dir = Path(output_dir)
+    _check_output(output_dir, inputs, cases)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    if prune_ratio is not None:
+        set_prune_ratio(model, prune_ratio, checkpoint)
+    model.to(dev).eval()
+    pipeline = build_transforms(data_cfg, "infer")
+    written = []
+    for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
+        paths = cases[name]
+        probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size)
+        ref = nib.load(str(paths[0]))
+        expected = tuple(ref.shape[:3])
+        if tuple(probs.shape[1:]) != expected:
+            raise RuntimeError(f"prediction grid {tuple(probs.shape[1:])} differs from the input grid {expected}")
+        if data_cfg.regions:
+            labels = regions_to_labels(probs > 0.5, data_cfg.regions)
+        else:
+            labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
+        out = save_nifti(labels.numpy(), output_dir / f"{name}.nii.gz", ref.affine, ref.header, np.uint8)
+        written.append(out)
+        if save_probabilities:
+            arr = probs.permute(1, 2, 3, 0).numpy()  # [K, X, Y, Z] -> [X, Y, Z, K]
+            save_nifti(arr, output_dir / f"{name}_probabilities.nii.gz", ref.affine, ref.header, np.float32)
+        log.info("%s -> %s", paths[0].name, out)
+    return written

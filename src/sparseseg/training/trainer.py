@@ -1,0 +1,231 @@
+"""The training loop: ``train(config) -> best checkpoint path``.
+
+Per epoch: ``iters_per_epoch`` steps on random ROI crops (seeded per epoch, so a resumed run sees the same
+crops), a per-epoch log line, a row in ``RUN_DIR/log.csv`` (and TensorBoard when installed), sliding-window
+validation every ``val_every`` epochs and at the end, then ``last.pt`` (and ``best.pt`` on a new best mean
+Dice), each written atomically. ``resume=True`` restores model, optimizer, schedule, scaler, RNG states and
+history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from torch.utils.data import RandomSampler
+from tqdm import tqdm
+
+from sparseseg.config import TrainConfig, resolve_device
+from sparseseg.data.datasets import Case, load_dataset, split_cases
+from sparseseg.data.io import atomic_write
+from sparseseg.data.transforms import build_transforms, unwrap_input_errors
+from sparseseg.errors import InputError
+from sparseseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sparseseg.training.losses import SegmentationLoss
+from sparseseg.training.optim import WarmupCosine, build_optimizer
+from sparseseg.training.setup import build_data_config, build_model
+from sparseseg.training.validation import validate
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _items(cases: list[Case]) -> list[dict[str, Any]]:
+    return [{"image": [str(p) for p in c.images], "label": str(c.label)} for c in cases]
+
+
+class _RunLog:
+    """``log.csv`` rewritten (atomically) from the full history each epoch, plus optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "log.csv"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:
+                log.debug("tensorboard is not installed; logging to log.csv only")
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        fields: list[str] = []
+        for row in history:
+            fields += [k for k in row if k not in fields]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(history)
+        atomic_write(self.path, lambda tmp: tmp.write_text(buf.getvalue()))
+        if self.writer is not None and history:
+            row = history[-1]
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _loaders(config: TrainConfig, data_cfg, train_cases: list[Case], val_cases: list[Case]):
+    with unwrap_input_errors():
+        train_ds = CacheDataset(_items(train_cases), build_transforms(data_cfg, "train"),
+                                cache_rate=config.cache_rate, num_workers=None, progress=False)
+        val_ds = CacheDataset(_items(val_cases), build_transforms(data_cfg, "val"),
+                              cache_rate=config.cache_rate, num_workers=None, progress=False) if val_cases else None
+    return train_ds, val_ds
+
+
+def _epoch_loader(train_ds: CacheDataset, config: TrainConfig, iters: int, epoch: int) -> DataLoader:
+    # The crops and the case order of epoch e depend only on (seed, e): resuming at an epoch boundary replays them.
+    epoch_seed = (config.seed * 1_000_003 + epoch) % 2**31
+    train_ds.transform.set_random_state(seed=epoch_seed)
+    generator = torch.Generator().manual_seed(epoch_seed)
+    sampler = RandomSampler(train_ds, replacement=True, num_samples=iters * config.batch_size, generator=generator)
+    return DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                      generator=generator, drop_last=True)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train ``config.model`` on ``config.dataset`` into ``config.output``; returns the path of ``best.pt``
+    (``last.pt`` when there are no validation cases).
+
+    Examples:
+        >>> cfg = TrainConfig(dataset="Task09_Spleen", model="unetr", output="runs/spleen", preset="btcv")
+        >>> best = train(cfg)  # doctest: +SKIP
+    """
+    config.validate()
+    run_dir = Path(config.output)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    ds = load_dataset(config.dataset)
+    train_cases, val_cases = split_cases(ds, config.fold, config.num_folds, config.seed)
+    data_cfg = build_data_config(config, ds)
+    model = build_model(config, data_cfg)
+    train_ds, val_ds = _loaders(config, data_cfg, train_cases, val_cases)  # reads every case: bad files fail here
+    iters = config.iters_per_epoch or max(1, math.ceil(len(train_cases) / config.batch_size))
+
+    model.to(device)
+    lr = config.learning_rate()
+    optimizer = build_optimizer(model, lr, config.weight_decay, config.layer_decay, tuple(config.betas))
+    scheduler = WarmupCosine(optimizer, lr, config.epochs * iters, config.warmup_fraction, config.min_lr_ratio,
+                             config.time_budget)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid)
+    state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "elapsed": 0.0, "history": []}
+    if config.resume:
+        state = _resume(run_dir / "last.pt", model, optimizer, scheduler, scaler, config)
+        scheduler.total_iters = config.epochs * iters
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"config": config.to_dict(), "model_name": model.model_name, "model_args": model.model_args,
+            "data": data_cfg.to_dict(), "learning_rate": lr, "iters_per_epoch": iters,
+            "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
+            "num_parameters": sum(p.numel() for p in model.parameters())}
+    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+    run_log = _RunLog(run_dir, config.tensorboard)
+    log.info("training %s (%.2f M parameters) on %d cases, validating on %d, %s, lr %.3g",
+             model.model_name, meta["num_parameters"] / 1e6, len(train_cases), len(val_cases), device, lr)
+
+    start = time.perf_counter() - state["elapsed"]
+    stop = False
+    try:
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            losses: list[float] = []
+            model.train()
+            loader = _epoch_loader(train_ds, config, iters, epoch)
+            bar = tqdm(loader, total=iters, desc=f"epoch {epoch}/{config.epochs}", unit="it", leave=False)
+            with unwrap_input_errors():
+                for batch in bar:
+                    x = batch["image"].as_tensor().to(device)
+                    y = batch["label"].as_tensor().to(device)
+                    target = y if data_cfg.sigmoid else y.long()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                        out = model(x, target=target)
+                    loss, _ = loss_fn(out, y)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step(time.perf_counter() - start)
+                    losses.append(float(loss.detach()))
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if config.time_budget and time.perf_counter() - start >= config.time_budget:
+                        stop = True
+                        break
+            row: dict[str, Any] = {"epoch": epoch, "iteration": scheduler.iteration,
+                                   "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[-1]["lr"]}
+            final = stop or epoch == config.epochs
+            if val_ds is not None and (epoch % config.val_every == 0 or final):
+                row.update(validate(model, DataLoader(val_ds, batch_size=1), data_cfg, device, config.overlap,
+                                    config.sw_batch_size))
+            row["epoch_seconds"] = time.perf_counter() - t0
+            row["elapsed"] = time.perf_counter() - start
+            state["history"].append(row)
+            _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row)
+            run_log.write(state["history"])
+            _log_epoch(row, state, config.epochs)
+            if stop:
+                log.info("time budget of %.0f s spent after %d epoch(s)", config.time_budget, epoch)
+                break
+    finally:
+        run_log.close()
+    best = run_dir / "best.pt"
+    return best if best.exists() else run_dir / "last.pt"
+
+
+def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row) -> None:
+    score = row.get("mean_dice", float("nan"))
+    is_best = math.isfinite(score) and score > state["best_metric"]
+    if is_best:
+        state["best_metric"], state["best_epoch"] = score, row["epoch"]
+    state["epoch"], state["elapsed"] = row["epoch"], row["elapsed"]
+    extra = {"config": config.to_dict(), "epoch": state["epoch"], "iteration": scheduler.iteration,
+             "best_metric": state["best_metric"], "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
+             "history": state["history"], "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rng_state()}
+    save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
+    if is_best:
+        save_checkpoint(run_dir / "best.pt", model, data_cfg.to_dict(), **extra)
+
+
+def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    if ckpt["model_name"] != model.model_name or ckpt["model_args"] != model.model_args:
+        raise InputError(f"cannot resume: the checkpoint holds {ckpt['model_name']} {ckpt['model_args']}, "
+                         f"the config builds {model.model_name} {model.model_args}", path)
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    return {"epoch": int(ckpt["epoch"]), "best_metric": float(ckpt["best_metric"]),
+            "best_epoch": int(ckpt["best_epoch"]), "elapsed": float(ckpt["elapsed"]),
+            "history": list(ckpt["history"])}
+
+
+def _log_epoch(row: dict[str, Any], state: dict[str, Any], epochs: int) -> None:
+    msg = f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.3g}"
+    if "mean_dice" in row:
+        msg += f"  val dice {row['mean_dice']:.4f} (best {state['best_metric']:.4f} @ {state['best_epoch']})"
+    log.info("%s  %.1f s", msg, row["epoch_seconds"])

@@ -1,0 +1,121 @@
+"""Shared fixtures: synthetic MSD / nnU-Net datasets on disk and a tiny registered segmentation model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sparseseg.models.output import SegmentationOutput
+from sparseseg.models.registry import list_models, register_model
+
+# A non-axis-aligned, anisotropic affine (LPS-like flips + 1.5 mm slices) so geometry bugs show up.
+TEST_AFFINE = np.array(
+    [[-1.0, 0.0, 0.0, 10.0], [0.0, -1.2, 0.0, 20.0], [0.0, 0.0, 1.5, -5.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def synthetic_case(shape=(24, 24, 24), seed: int = 0, channels: int = 1, ct: bool = True):
+    """An image ``[X, Y, Z, C]`` (or ``[X, Y, Z]`` for one channel) and a label ``[X, Y, Z]`` with classes 0/1/2:
+    a ball (1) holding a smaller bright cube (2), at a seeded random position."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.array([s / 2 for s in shape]) + rng.uniform(-3, 3, size=3)
+    radius = min(shape) / 4
+    ball = np.linalg.norm(grid - centre, axis=-1) < radius
+    cube = (np.abs(grid - centre) < radius / 2.5).all(-1)
+    label = np.where(cube, 2, np.where(ball, 1, 0)).astype(np.uint8)
+    base = np.array([-600.0, 60.0, 250.0]) if ct else np.array([0.0, 300.0, 700.0])
+    chans = []
+    for c in range(channels):
+        img = base[label] * (1 + 0.2 * c) + rng.normal(0, 20, size=shape)
+        if not ct:
+            img = np.where(np.linalg.norm(grid - np.array(shape) / 2, axis=-1) < min(shape) * 0.48, img + 100, 0)
+        chans.append(img.astype(np.float32))
+    image = chans[0] if channels == 1 else np.stack(chans, -1)
+    return image, label
+
+
+def save(array: np.ndarray, path: Path, affine: np.ndarray = TEST_AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def write_msd_dataset(root: Path, num_cases: int = 4, shape=(24, 24, 24), channels: int = 1, ct: bool = True,
+                      num_test: int = 1) -> Path:
+    """An MSD-style dataset (4-D images when ``channels > 1``) under ``root``; returns the dataset.json path."""
+    training, test = [], []
+    for i in range(num_cases + num_test):
+        image, label = synthetic_case(shape, seed=i, channels=channels, ct=ct)
+        name = f"case_{i:03d}.nii.gz"
+        if i < num_cases:
+            save(image, root / "imagesTr" / name)
+            save(label, root / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            save(image, root / "imagesTs" / name)
+            test.append(f"./imagesTs/{name}")
+    modality = {str(c): ("CT" if ct else f"MR{c}") for c in range(channels)}
+    meta = {"name": "Synthetic", "modality": modality, "labels": {"0": "background", "1": "ball", "2": "core"},
+            "numTraining": num_cases, "training": training, "test": test}
+    path = root / "dataset.json"
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def write_nnunet_dataset(root: Path, num_cases: int = 3, shape=(20, 20, 20), channels: int = 2,
+                         ct: bool = False) -> Path:
+    """An nnU-Net v2 raw dataset (one file per channel) under ``root``; returns the dataset.json path."""
+    for i in range(num_cases):
+        image, label = synthetic_case(shape, seed=i, channels=channels, ct=ct)
+        image = image if channels > 1 else image[..., None]
+        for c in range(channels):
+            save(image[..., c], root / "imagesTr" / f"case{i}_{c:04d}.nii.gz")
+        save(label, root / "labelsTr" / f"case{i}.nii.gz")
+    meta = {"channel_names": {str(c): ("CT" if ct else f"T{c + 1}") for c in range(channels)},
+            "labels": {"background": 0, "ball": 1, "core": 2}, "numTraining": num_cases,
+            "file_ending": ".nii.gz", "name": "SyntheticNN"}
+    path = root / "dataset.json"
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+class TinySeg(nn.Module):
+    """Two 3^3 convolutions and a 1^3 head; follows the model output contract (deep supervision included)."""
+
+    def __init__(self, *, in_channels: int = 1, out_channels: int = 3, img_size=24, feature_size: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(in_channels, feature_size, 3, padding=1), nn.InstanceNorm3d(feature_size, affine=True),
+            nn.GELU(), nn.Conv3d(feature_size, feature_size, 3, padding=1), nn.GELU(),
+        )
+        self.head = nn.Conv3d(feature_size, out_channels, 1)
+        self.head_low = nn.Conv3d(feature_size, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        f = self.body(x)
+        logits = self.head(f)
+        if not self.training:
+            return logits
+        low = self.head_low(nn.functional.avg_pool3d(f, 2))  # [B, F, D, H, W] -> [B, K, D/2, H/2, W/2]
+        return SegmentationOutput(logits, {"tiny_l2": 1e-4 * logits.pow(2).mean()}, [low])
+
+
+if "tiny_seg" not in list_models():
+    register_model("tiny_seg", presets={})(TinySeg)
+
+
+@pytest.fixture
+def msd_dataset(tmp_path: Path) -> Path:
+    return write_msd_dataset(tmp_path / "Task00_Synthetic")
+
+
+@pytest.fixture
+def nnunet_dataset(tmp_path: Path) -> Path:
+    return write_nnunet_dataset(tmp_path / "Dataset001_Synthetic")
