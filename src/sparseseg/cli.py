@@ -27,6 +27,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug-level log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -38,6 +41,98 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
         for name in list_models():
             sys.stdout.write(f"{name}  (presets: {', '.join(list_presets(name))})\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on an MSD / nnU-Net dataset",
+                       description="Train a registered model. Flags override --config FILE (YAML), which overrides "
+                                   "the defaults; see docs/pipeline.md.")
+    S = argparse.SUPPRESS  # only flags that are given override the config file
+    p.add_argument("--config", metavar="FILE", help="YAML file of training config keys")
+    p.add_argument("--dataset", default=S, help="dataset.json (MSD or nnU-Net v2) or its folder")
+    p.add_argument("--model", default=S, help="registered model name (see `sparseseg models`)")
+    p.add_argument("--output", default=S, help="run directory (config.json, log.csv, last.pt, best.pt)")
+    p.add_argument("--preset", default=S, help="model preset: btcv or brats")
+    p.add_argument("--roi-size", type=int, nargs="+", default=S, metavar="N", help="crop size: N or D H W")
+    p.add_argument("--epochs", type=int, default=S)
+    p.add_argument("--iters-per-epoch", type=int, default=S, help="default: one pass over the training cases")
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--lr", type=float, default=S, help="plain learning rate (default: base_lr * batch / 256)")
+    p.add_argument("--prune-ratio", type=float, default=S, help="token pruning ratio of a sparse model")
+    p.add_argument("--fold", type=int, default=S, help="validation fold of the seeded k-fold split")
+    p.add_argument("--val-every", type=int, default=S, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--intensity", choices=["ct", "mri", "none"], default=S,
+                   help="intensity preset (default: ct for CT datasets, else mri)")
+    p.add_argument("--target-spacing", type=float, nargs=3, default=S, metavar="MM", help="resample to this spacing")
+    p.add_argument("--time-budget", type=float, default=S, metavar="SECONDS", help="stop training after this time")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="model constructor argument (repeatable), e.g. hidden_size=192")
+    p.add_argument("--resume", action="store_true", default=S, help="continue from OUTPUT/last.pt")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.config import build_config
+        from sparseseg.training import train
+
+        overrides = {k: v for k, v in vars(args).items() if k not in ("config", "model_arg", "func", "command",
+                                                                       "verbose")}
+        if "roi_size" in overrides:
+            roi = overrides["roi_size"]
+            if len(roi) not in (1, 3):
+                from sparseseg.errors import SparsesegError
+
+                raise SparsesegError("--roi-size takes 1 or 3 integers")
+            overrides["roi_size"] = roi * 3 if len(roi) == 1 else roi
+        config = build_config(overrides, args.config, args.model_arg)
+        best = train(config)
+        sys.stdout.write(f"{best}\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI volumes with a checkpoint",
+                       description="Sliding-window inference; writes OUTPUT/CASE.nii.gz on each input's grid.")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt of `sparseseg train`")
+    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s); CASE_XXXX channels")
+    p.add_argument("--output", required=True, help="output folder (must not contain the inputs)")
+    p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.inference import predict
+
+        written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
+                          overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
+                          save_probabilities=args.save_probabilities)
+        sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against reference labels")
+    p.add_argument("--pred", required=True, help="folder of predicted CASE.nii.gz")
+    p.add_argument("--label", required=True, help="folder of reference CASE.nii.gz")
+    p.add_argument("--output", default=None, help="metrics.json to write")
+    p.add_argument("--dataset", default=None, help="dataset.json for class names and regions (BraTS TC/WT/ET)")
+    p.add_argument("--label-mode", choices=["auto", "classes", "regions"], default="auto",
+                   help="auto: regions when the dataset defines them")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.metrics import evaluate, format_table
+
+        results = evaluate(args.pred, args.label, args.output, dataset=args.dataset, label_mode=args.label_mode)
+        sys.stdout.write(format_table(results) + "\n")
         return 0
 
     p.set_defaults(func=run)
