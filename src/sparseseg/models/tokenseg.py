@@ -110,6 +110,8 @@ class TokenSeg(nn.Module):
                             ("feature_size", feature_size), ("codebook_size", codebook_size)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if num_heads < 1 or token_size % (2 * num_heads):
+            raise ValueError(f"token_size ({token_size}) must be divisible by 2 * num_heads ({num_heads})")
         if mixer_depth < 0:
             raise ValueError(f"mixer_depth must be >= 0, got {mixer_depth}")
         if band_radius < 1:
