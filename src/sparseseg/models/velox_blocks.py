@@ -185,7 +185,8 @@ class PairedWindowAttention(nn.Module):
             keys.append(t[1])
             values.append(t[2])
             layouts.append((t.shape[1], tuple(pooled.shape[2:]), small))
-        out = F.scaled_dot_product_attention(torch.cat(queries), torch.cat(keys), torch.cat(values))  # [ΣnW,h,Mr^3,hd]
+        # One attention call for every window of every scale: [sum of nW, h, M*r^3, hd].
+        out = F.scaled_dot_product_attention(torch.cat(queries), torch.cat(keys), torch.cat(values))
         scales = []
         for o, (n_win, pooled_size, small) in zip(out.split([lay[0] for lay in layouts]), layouts, strict=True):
             o = o.view(n_win, h, m, r3, hd).permute(0, 3, 2, 1, 4).reshape(n_win, r3, m * h * hd)  # [nW, r^3, M*h*hd]
