@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
     p = torch.from_numpy(np.ascontiguousarray(pred))[None, None]  # [X, Y, Z] -> [1, 1, X, Y, Z]
     r = torch.from_numpy(np.ascontiguousarray(ref))[None, None]
     dice = float(compute_dice(p, r, include_background=True)[0, 0])
-    hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
-                                            spacing=[float(s) for s in spacing])[0, 0])
+    with warnings.catch_warnings():  # MONAI 1.6 passes a deprecated argument to itself
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                                spacing=[float(s) for s in spacing])[0, 0])
     return {"dice": dice, "hd95": hd95, "status": "ok"}
 
 
@@ -62,7 +65,7 @@ def _classes(dataset: str | Path | None, label_mode: str) -> tuple[dict[str, lis
         if label_mode == "regions":
             raise InputError("region evaluation needs --dataset (it defines the regions)")
         return None, None
-    ds = load_dataset(dataset, check_files=False)
+    ds = load_dataset(dataset, check_files=False, require_training=False)
     regions = ds.default_regions() if label_mode != "classes" else {}
     if label_mode == "regions" and not regions:
         raise InputError("the dataset defines no regions", ds.json_path)

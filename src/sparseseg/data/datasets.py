@@ -197,10 +197,11 @@ def _load_nnunet(root: Path, data: dict[str, Any], path: Path) -> Dataset:
                    regions=regions)
 
 
-def load_dataset(path: str | Path, check_files: bool = True) -> Dataset:
+def load_dataset(path: str | Path, check_files: bool = True, require_training: bool = True) -> Dataset:
     """Parse a ``dataset.json`` (or the folder holding it) and validate it.
 
-    Checks: a non-empty training list, no case listed twice, every listed file present (when ``check_files``).
+    Checks: a non-empty training list (when ``require_training``), no case listed twice, every listed file present
+    (when ``check_files``).
     File contents (shapes, values) are checked when the cases are loaded (:mod:`sparseseg.data.io`).
 
     Examples:
@@ -215,7 +216,7 @@ def load_dataset(path: str | Path, check_files: bool = True) -> Dataset:
     data = _read_json(path)
     root = path.parent
     ds = _load_nnunet(root, data, path) if "channel_names" in data else _load_msd(root, data, path)
-    if not ds.training:
+    if require_training and not ds.training:
         raise InputError("the training list is empty", path)
     _check_duplicates(ds, path)
     if check_files:
