@@ -130,7 +130,9 @@ class LabelToRegionsd(MapTransform):
             lab = d[key]
             chans = [torch.isin(lab[0], torch.as_tensor(r, device=lab.device)) for r in self.regions]
             out = torch.stack(chans).to(torch.float32)  # R x [D, H, W] -> [R, D, H, W]
-            d[key] = MetaTensor(out, affine=lab.affine, meta=lab.meta) if isinstance(lab, MetaTensor) else out
+            if isinstance(lab, MetaTensor):
+                out = MetaTensor(out, meta=dict(lab.meta), applied_operations=list(lab.applied_operations))
+            d[key] = out
         return d
 
 
