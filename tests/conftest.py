@@ -58,8 +58,9 @@ def write_msd_dataset(root: Path, num_cases: int = 4, shape=(24, 24, 24), channe
             save(image, root / "imagesTr" / name)
             save(label, root / "labelsTr" / name)
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        else:
+        else:  # MSD ships no test labels; labelsTs lets tests score predictions of the test cases
             save(image, root / "imagesTs" / name)
+            save(label, root / "labelsTs" / name)
             test.append(f"./imagesTs/{name}")
     modality = {str(c): ("CT" if ct else f"MR{c}") for c in range(channels)}
     meta = {"name": "Synthetic", "modality": modality, "labels": {"0": "background", "1": "ball", "2": "core"},
