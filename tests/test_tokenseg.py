@@ -47,7 +47,7 @@ def test_token_counts_per_level_and_total():
         assert cells.shape == (2, n)
         assert int(cells.max()) < grid[0] * grid[1] * grid[2]
         assert all(len(set(row.tolist())) == n for row in cells)  # distinct cells within a level
-    assert [f.shape[2:] for f in enc.features] == [(32,) * 3, (16,) * 3, (8,) * 3, (4,) * 3, (2,) * 3]
+    assert [f.shape[2:] for f in enc.features] == [(16,) * 3, (8,) * 3, (4,) * 3, (2,) * 3]
 
 
 def test_default_split_is_400_candidates_and_100_kept():
@@ -201,6 +201,18 @@ def test_deterministic_eval_and_select_tokens():
     assert int(counts.sum()) == 24 and (a.cells >= 0).all()
     frac = selected_boundary_fraction(a, ball_label(batch=1))
     assert frac.shape == (1,) and 0.0 <= float(frac) <= 1.0
+
+
+@pytest.mark.parametrize("slab", [1, 3, 16])
+def test_sliced_inference_head_equals_the_whole_head(slab):
+    model = tiny().eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.enable_grad():
+        whole = model(x)
+    model.head_slab = slab
+    with torch.no_grad():
+        sliced = model(x)
+    assert torch.allclose(whole, sliced, atol=1e-5)
 
 
 def test_state_dict_keys_do_not_depend_on_num_keep():

@@ -2,9 +2,10 @@
 
 Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2, 1/4, 1/8, 1/16):
 
-1. **Multi-scale hierarchical encoder**: a narrow full-resolution stem and four strided residual CNN stages. A
-   level-``l`` *cell* is the ``stride^3`` image block under one voxel of that level's map (an octree: one cell of
-   a level holds 8 cells of the finer one); the strided stages pool it into that voxel's feature vector.
+1. **Multi-scale hierarchical encoder**: four strided residual CNN stages, the first straight on the image (no
+   full-resolution encoder map). A level-``l`` *cell* is the ``stride^3`` image block under one voxel of that
+   level's map (an octree: one cell of a level holds 8 cells of the finer one); the strided stages pool it into
+   that voxel's feature vector.
 2. **Candidate proposal**: a 1x1x1 conv per level scores every cell (trained by BCE towards the cell's boundary
    fraction); the top ``tokens_per_level[l]`` cells of each level become candidates, 400 in all. Their features
    are projected to ``token_size`` (one Linear per level) and LayerNorm-ed.
@@ -16,7 +17,10 @@ Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2
 5. **Sparse-to-dense decoder**: coarse-to-fine; at each level the decoder map = upsampled coarser map + encoder
    skip + reprojection, where kept tokens (quantised, mixed) and dropped candidates (un-quantised, unmixed, cheap)
    write their per-level projection into their cell and every cell gets a learned per-level fill vector.
-   Additive skips keep the full-resolution part at ``feature_size`` channels (one 3^3 conv there).
+   Additive skips; the only full-resolution work is the head: upsampled 1/2 map + a 3^3 conv of the image
+   (``feature_size`` channels), one 3^3 conv, a 1^3 classifier. Without autograd (inference) the head runs in
+   slabs of ``head_slab`` half-resolution slices with a one-slice halo, so no full-resolution feature map is
+   ever held whole: only the logits are (the result is the same as the unsliced head).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ DEFAULT_SHARES = (0.4, 0.3, 0.2, 0.1)  # finest to coarsest: 160 / 120 / 80 / 40
 class TokenizerOutput:
     """What :meth:`TokenSeg.forward_encoder` returns (shapes with N candidates and K kept tokens)."""
 
-    features: list[torch.Tensor]  # encoder maps, full resolution then levels 1/2 .. 1/16: [B, C_l, *grid]
+    features: list[torch.Tensor]  # encoder maps of levels 1/2 .. 1/16: [B, C_l, *grid_l]
     kept: torch.Tensor  # [B, K, T] kept tokens after the mixer and its LayerNorm
     dropped: torch.Tensor  # [B, N - K, T] un-quantised dropped candidates (scaled by the ST drop mask)
     keep_idx: torch.Tensor  # [B, K] indices into the candidates, ascending
@@ -147,9 +151,8 @@ class TokenSeg(nn.Module):
         self.register_buffer("stride_table", torch.tensor(self.strides, dtype=torch.float32), persistent=False)
 
         ch = [feature_size * 2**i for i in range(NUM_LEVELS + 1)]  # full resolution, then levels 1/2 .. 1/16
-        # No normalisation at full resolution: cheaper, and it helped the demo's Dice (SPEC section 5).
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, ch[0], 3, padding=1), nn.LeakyReLU(0.01, inplace=True))
-        self.stages = nn.ModuleList(UnetResBlock(3, ch[i], ch[i + 1], 3, 2, norm_name) for i in range(NUM_LEVELS))
+        self.stages = nn.ModuleList(UnetResBlock(3, in_channels if i == 0 else ch[i], ch[i + 1], 3, 2, norm_name)
+                                    for i in range(NUM_LEVELS))
         self.proposal = nn.ModuleList(nn.Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
         self.token_embed = nn.ModuleList(nn.Linear(ch[i + 1], token_size) for i in range(NUM_LEVELS))
         self.token_norm = nn.LayerNorm(token_size, eps=1e-6)
@@ -162,8 +165,11 @@ class TokenSeg(nn.Module):
         self.fill = nn.ParameterList(nn.Parameter(torch.zeros(ch[i + 1])) for i in range(NUM_LEVELS))
         self.up = nn.ModuleList(nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(NUM_LEVELS))
         self.decode = nn.ModuleList(UnetResBlock(3, ch[i], ch[i], 3, 1, norm_name) for i in range(1, NUM_LEVELS))
-        self.head = nn.Sequential(nn.Conv3d(ch[0], ch[0], 3, padding=1), nn.LeakyReLU(0.01, inplace=True),
-                                  nn.Conv3d(ch[0], out_channels, 1))
+        # Full resolution: no normalisation (cheaper, and it helped the demo's Dice: SPEC section 5).
+        self.image_skip = nn.Conv3d(in_channels, ch[0], 3, padding=1)
+        self.head = nn.Sequential(nn.LeakyReLU(0.01), nn.Conv3d(ch[0], ch[0], 3, padding=1),
+                                  nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch[0], out_channels, 1))
+        self.head_slab = 16  # half-resolution slices per slab of the inference head (memory only, not a weight)
 
     def _check_num_keep(self) -> None:
         if not 1 <= self.num_keep <= self.num_candidates:
@@ -177,7 +183,7 @@ class TokenSeg(nn.Module):
         """Top cells of every level: candidates ``[B, N, T]``, their flat cells ``[B, N]``, proposal logits."""
         tokens, cells, logits = [], [], []
         for level, n in enumerate(self.tokens_per_level):
-            f = feats[level + 1]
+            f = feats[level]
             logit = self.proposal[level](f).flatten(1)  # [B, 1, d, h, w] -> [B, N_cells]
             idx = logit.detach().topk(n, dim=1).indices.sort(dim=1).values  # [B, n] ascending
             tok = gather_tokens(f.flatten(2).transpose(1, 2), idx)  # [B, C_l, d, h, w] -> [B, n, C_l]
@@ -196,9 +202,9 @@ class TokenSeg(nn.Module):
         """Encoder, candidate proposal, VQ tokenizer, importance top-K and token mixer (no decoder)."""
         self._check_input(x)
         self._check_num_keep()
-        feats = [self.stem(x)]
+        feats = []
         for stage in self.stages:
-            feats.append(stage(feats[-1]))
+            feats.append(stage(feats[-1] if feats else x))  # [B, C_l, *grid_l]
         cand, cand_cells, proposal_logits = self._propose(feats)
         z = self.token_norm(cand)  # [B, N, T]
         q = self.vq(z)
@@ -226,18 +232,37 @@ class TokenSeg(nn.Module):
         flat = y.flatten(2).scatter_add(2, slot[:, None].expand(-1, y.shape[1], -1), values.transpose(1, 2))
         return flat.view_as(y)  # [B, C_l, d*h*w] -> [B, C_l, d, h, w]
 
-    def _decode(self, enc: TokenizerOutput) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, enc: TokenizerOutput) -> torch.Tensor:
         feats = enc.features
-        y = self._reproject(feats[NUM_LEVELS], NUM_LEVELS - 1, enc)  # bottleneck at 1/16
+        y = self._reproject(feats[-1], NUM_LEVELS - 1, enc)  # bottleneck at 1/16
         for level in reversed(range(NUM_LEVELS - 1)):  # 1/8, 1/4, 1/2
-            y = self.up[level + 1](y) + feats[level + 1]
+            y = self.up[level + 1](y) + feats[level]
             y = self.decode[level](self._reproject(y, level, enc))
-        return self.head(self.up[0](y) + feats[0])  # full resolution, additive skip
+        if torch.is_grad_enabled():
+            return self._full_resolution(x, y)
+        return self._full_resolution_slabs(x, y)
+
+    def _full_resolution(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Head: ``x`` ``[B, in, D, H, W]`` and the 1/2 map ``y`` ``[B, C_1, D/2, H/2, W/2]`` -> logits."""
+        return self.head(self.up[0](y) + self.image_skip(x))
+
+    def _full_resolution_slabs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`_full_resolution` slab by slab along D; two 3^3 convs need a halo of 2 voxels = 1 half slice."""
+        half = y.shape[2]
+        out = None
+        for start in range(0, half, self.head_slab):
+            stop = min(start + self.head_slab, half)
+            lo, hi = max(start - 1, 0), min(stop + 1, half)  # with the halo
+            part = self._full_resolution(x[:, :, 2 * lo:2 * hi], y[:, :, lo:hi])  # [B, out, 2 (hi - lo), H, W]
+            if out is None:
+                out = part.new_empty(part.shape[0], part.shape[1], 2 * half, *part.shape[3:])
+            out[:, :, 2 * start:2 * stop] = part[:, :, 2 * (start - lo):2 * (stop - lo)]
+        return out
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
         """``x`` ``[B, in_channels, *img_size]`` -> logits (eval) or :class:`SegmentationOutput` (training)."""
         enc = self.forward_encoder(x)
-        logits = self._decode(enc)
+        logits = self._decode(x, enc)
         if not self.training:
             return logits
         codebook_loss, commitment_loss = enc.vq_losses
