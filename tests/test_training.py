@@ -190,3 +190,11 @@ def test_conflicting_model_geometry(tmp_path, msd_dataset):
     with pytest.raises(InputError, match="has no prune_ratio argument"):
         trainer_mod.train(_cfg(msd_dataset, tmp_path / "run", prune_ratio=0.5))
     assert not (tmp_path / "run").exists()
+
+
+def test_time_budget_stops_training(tmp_path, msd_dataset):
+    best = trainer_mod.train(_cfg(msd_dataset, tmp_path / "run", epochs=50, time_budget=1e-3))
+    ckpt = load_checkpoint(best)
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 1  # stopped after the first step, then validated
+    assert "mean_dice" in ckpt["history"][-1]
+    assert ckpt["scheduler"]["time_budget"] == 1e-3
