@@ -84,9 +84,11 @@ def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int) -
             raise InputError(f"case {name!r} appears twice (also {grouped[name][channel]})", f)
         grouped[name][channel] = f
     cases = {}
-    for name, chans in grouped.items():
+    for name, chans in list(grouped.items()):
         paths = [chans[c] for c in sorted(chans)]
-        if sorted(chans) != list(range(len(chans))):
+        if len(paths) == 1 and 0 not in chans:  # e.g. scan_2019.nii.gz: a date, not a channel index
+            name = strip_nifti_ending(paths[0].name)
+        elif sorted(chans) != list(range(len(chans))):
             raise InputError(f"case {name!r}: channel files must be numbered _0000, _0001, ...", paths[0])
         shapes = [read_header_shape(p) for p in paths]
         count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
