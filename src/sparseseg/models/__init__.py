@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sparseseg.models import (
     tokenseg,  # noqa: F401
+    unetr,  # noqa: F401
     veloxseg,  # noqa: F401
 )
 from sparseseg.models.registry import create_model, list_models, list_presets, register_model
