@@ -166,6 +166,12 @@ def test_boundary_band_and_cell_targets_on_a_cube():
     regions = torch.cat([two > 0, two == 2], 1)
     assert torch.equal(boundary_band(two, 1), boundary_band(regions, 1))
     assert int(boundary_band(two, 1).sum()) == 6**3  # the inner cube's band fills the hole
+    # the separable max pools equal the cubic dilation / erosion at a wider radius too
+    torch.manual_seed(0)
+    rand = torch.randint(0, 3, (2, 1, 12, 12, 12)).float()
+    pool = torch.nn.functional.max_pool3d
+    direct = pool(rand, 5, 1, 2) != -pool(-rand, 5, 1, 2)
+    assert torch.equal(boundary_band(rand, 2), direct)
     with pytest.raises(ValueError, match="radius"):
         boundary_band(label, radius=0)
 

@@ -31,10 +31,17 @@ def boundary_band(target: torch.Tensor, radius: int = 2) -> torch.Tensor:
     if radius < 1:
         raise ValueError(f"radius must be >= 1, got {radius}")
     t = target.float()
-    k = 2 * radius + 1
-    high = F.max_pool3d(t, k, stride=1, padding=radius)  # [B, C, D, H, W] dilation
-    low = -F.max_pool3d(-t, k, stride=1, padding=radius)  # [B, C, D, H, W] erosion
+    high = _cube_max(t, radius)  # [B, C, D, H, W] dilation
+    low = -_cube_max(-t, radius)  # [B, C, D, H, W] erosion
     return (high != low).any(dim=1, keepdim=True)  # [B, 1, D, H, W]
+
+
+def _cube_max(t: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over a ``(2r+1)^3`` cube as three 1-D max pools (exact: the cube is separable, 3k instead of k^3)."""
+    k = 2 * radius + 1
+    for kernel, pad in (((k, 1, 1), (radius, 0, 0)), ((1, k, 1), (0, radius, 0)), ((1, 1, k), (0, 0, radius))):
+        t = F.max_pool3d(t, kernel, stride=1, padding=pad)
+    return t
 
 
 def cell_band_fraction(band: torch.Tensor, stride: int) -> torch.Tensor:
