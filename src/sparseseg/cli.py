@@ -30,6 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_benchmark(sub)
     return parser
 
 
@@ -133,6 +134,56 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
         results = evaluate(args.pred, args.label, args.output, dataset=args.dataset, label_mode=args.label_mode)
         sys.stdout.write(format_table(results) + "\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="speed, MACs and memory of models against their dense baseline",
+                       description="Measure parameters, MACs, encoder and end-to-end throughput, latency, peak "
+                                   "memory (and training throughput) of every model, one after the other in this "
+                                   "process, against the dense baseline; see docs/benchmark.md.")
+    p.add_argument("--preset", default=None, help="paper geometry: btcv or brats (default: the models' own)")
+    p.add_argument("--models", default="unetr,stp_mta_unetr", help="comma-separated model names")
+    p.add_argument("--prune-ratios", default=None, metavar="R,R,...",
+                   help="ratios for models with token pruning (default: each model's own)")
+    p.add_argument("--baseline", default="unetr", help="dense model the speedups refer to ('none': no ratios)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
+    p.add_argument("--train", action="store_true", help="also time training steps (forward + backward + step)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="model constructor argument (repeatable), given to every model that accepts it")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the records as JSON")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown table")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write throughput and G MACs vs prune ratio (PNG)")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.benchmark import benchmark
+        from sparseseg.benchmark_report import markdown_table, write_json, write_markdown, write_plot
+        from sparseseg.config import parse_model_args
+
+        try:
+            ratios = None if args.prune_ratios is None else [float(r) for r in args.prune_ratios.split(",") if r]
+        except ValueError as err:
+            raise SparsesegError(f"--prune-ratios expects comma-separated numbers, got {args.prune_ratios!r}") from err
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        baseline = None if args.baseline.lower() == "none" else args.baseline
+        records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
+                            batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
+                            model_args=parse_model_args(args.model_arg), baseline=baseline,
+                            memory=not args.no_memory)
+        if args.json:
+            write_json(records, args.json)
+        if args.markdown:
+            write_markdown(records, args.markdown)
+        if args.plot:
+            write_plot(records, args.plot)
+        sys.stdout.write(markdown_table(records))
         return 0
 
     p.set_defaults(func=run)

@@ -1,0 +1,311 @@
+"""``benchmark(...)``: parameters, MACs, encoder and end-to-end throughput, latency, peak memory and training
+throughput of registered models, every sparse model against its dense baseline in the same run.
+
+Every model is built, warmed up and timed in this process, one after the other, on the same seeded input
+``[batch_size, in_channels, *img_size]`` (one ROI crop per image). Inference runs under
+``torch.inference_mode()`` in eval mode; training steps (``train=True``) run forward (with the target) + loss +
+backward + AdamW step in training mode. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the timed runs; on CPU the peak resident set size
+(``ru_maxrss``) of a fresh child process that imports the library, builds only that model and runs one forward
+pass (see :mod:`sparseseg.benchmark_memory`; it includes the interpreter, the libraries and the weights, and the
+import-only footprint is reported beside it).
+
+The dense baseline of the run is one model name (``unetr`` by default, the paper's dense UNETR with the same
+ViT-B, patch size and decoder); ``speedup``, ``encoder_speedup``, ``train_speedup`` and ``memory_ratio`` of
+every record are ratios to that model's record (so they are exactly 1 for the baseline itself). The baseline is
+added to the run when it is not listed.
+
+Examples:
+    >>> records = benchmark(["stp_mta_unetr"], preset="brats", prune_ratios=[0.75], repeats=2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sparseseg.errors import InputError
+from sparseseg.models.registry import create_model, list_models, model_arguments, resolve_model_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASELINE = "unetr"
+MACS_COUNTER = "torch.utils.flop_counter (matmul + conv multiply-accumulates, SDPA included)"
+SIGMOID_PRESETS = ("brats",)  # presets whose outputs are sigmoid regions (multi-hot targets)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100] of a non-empty sequence."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _img_size(args: dict[str, Any]) -> tuple[int, int, int]:
+    size = args.get("img_size", 96)
+    return (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+def make_inputs(args: dict[str, Any], batch_size: int, sigmoid: bool, device: torch.device,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded image ``[B, in_channels, D, H, W]`` and a training target: multi-hot regions
+    ``[B, out_channels, D, H, W]`` (float) when ``sigmoid`` else class indices ``[B, 1, D, H, W]`` (long)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = _img_size(args)
+    in_ch, out_ch = int(args.get("in_channels", 1)), int(args.get("out_channels", 2))
+    x = torch.randn(batch_size, in_ch, *size, generator=gen)
+    if sigmoid:
+        y = torch.randint(0, 2, (batch_size, out_ch, *size), generator=gen).float()
+    else:
+        y = torch.randint(0, out_ch, (batch_size, 1, *size), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def _macs_and_params(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
+    from sparseseg.flops import count_macs, count_params
+
+    return float(count_macs(model, x[:1])) / 1e9, int(count_params(model))
+
+
+def _runs(name: str, prune_ratios: Sequence[float] | None, baseline: str | None) -> list[float | None]:
+    """The prune ratios to measure ``name`` at: the given ones for a model with ``prune_ratio`` (the baseline
+    excepted), else [None] (the model's own setting)."""
+    if prune_ratios and name != baseline and "prune_ratio" in model_arguments(name):
+        return list(prune_ratios)
+    return [None]
+
+
+def _prune_ratio(name: str, model: nn.Module) -> float | None:
+    """The ratio a model was built with: its argument, else its ``prune_ratio`` attribute (None if it has none)."""
+    if "prune_ratio" not in model_arguments(name):
+        return None
+    return model.model_args.get("prune_ratio", getattr(model, "prune_ratio", None))
+
+
+def _model_overrides(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    valid = set(model_arguments(name))
+    return {k: v for k, v in model_args.items() if k in valid}
+
+
+def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequence[float] | None,
+                   model_args: dict[str, Any], batch_size: int, warmup: int, repeats: int) -> None:
+    known = list_models()
+    for name in models:
+        if name not in known:
+            raise InputError(f"unknown model {name!r}; valid models: {', '.join(known)}")
+    for r in prune_ratios or []:
+        if not 0.0 <= r < 1.0:
+            raise InputError(f"prune ratio must be in [0, 1), got {r}")
+    unused = sorted(k for k in model_args if not any(k in model_arguments(m) for m in models))
+    if unused:
+        raise InputError(f"no benchmarked model accepts the model argument(s) {unused}")
+    if batch_size < 1 or warmup < 0 or repeats < 1:
+        raise InputError("batch size and repeats must be >= 1 and warm-up >= 0")
+    for name in models:
+        try:
+            resolve_model_args(name, preset, **_model_overrides(name, model_args))
+        except ValueError as err:
+            raise InputError(str(err)) from err
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool) -> Callable[[], None]:
+    """One training step of the project's recipe as a closure: forward in training mode with the target, the
+    segmentation loss (+ deep supervision + the model's auxiliary losses), backward, AdamW step."""
+    from sparseseg.training.losses import SegmentationLoss
+    from sparseseg.training.optim import build_optimizer
+
+    loss_fn = SegmentationLoss(sigmoid=sigmoid).to(x.device)
+    optimizer = build_optimizer(model, lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x, target=y)
+        loss, _ = loss_fn(out, y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_model(name: str, preset: str | None, prune_ratio: float | None, *, device: torch.device,
+                  batch_size: int = 1, warmup: int = 1, repeats: int = 3, train: bool = False,
+                  memory: bool = True, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One benchmark record (without the ratios to the baseline) for model ``name`` at ``prune_ratio``."""
+    overrides = _model_overrides(name, model_args or {})
+    if prune_ratio is not None:
+        overrides["prune_ratio"] = prune_ratio
+    sigmoid = preset in SIGMOID_PRESETS
+    torch.manual_seed(0)
+    model = create_model(name, preset, **overrides).to(device).eval()
+    x, y = make_inputs(model.model_args, batch_size, sigmoid, device)
+    gmacs, params = _macs_and_params(model, x)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        times = time_calls(partial(model, x), device, warmup, repeats)
+        encoder_times = None
+        if callable(getattr(model, "forward_encoder", None)):
+            encoder_times = time_calls(partial(model.forward_encoder, x), device, warmup, repeats)
+    record: dict[str, Any] = {
+        "model": name,
+        "preset": preset,
+        "prune_ratio": _prune_ratio(name, model) if prune_ratio is None else prune_ratio,
+        "params": params,
+        "gmacs": gmacs,
+        "encoder_throughput": None if encoder_times is None else batch_size / statistics.median(encoder_times),
+        "throughput": batch_size / statistics.median(times),
+        "latency_ms_median": 1e3 * statistics.median(times),
+        "latency_ms_p90": 1e3 * _percentile(times, 90),
+        "peak_memory_mb": None,
+        "train_throughput": None,
+        "train_peak_memory_mb": None,
+    }
+    if memory and device.type == "cuda":
+        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if train:
+        model.train()
+        step = train_step_fn(model, x, y, sigmoid)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        train_times = time_calls(step, device, warmup, repeats)
+        record["train_throughput"] = batch_size / statistics.median(train_times)
+        if memory and device.type == "cuda":
+            record["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if memory and device.type == "cpu":
+        from sparseseg.benchmark_memory import peak_memory_subprocess
+
+        spec = {"name": name, "preset": preset, "model_args": overrides, "batch_size": batch_size,
+                "threads": torch.get_num_threads(), "sigmoid": sigmoid, "module": type(model).__module__}
+        child = peak_memory_subprocess(spec)
+        record.update(peak_memory_mb=child["peak_mb"], memory_import_mb=child["import_mb"],
+                      memory_model_mb=child["model_mb"])
+        if train:
+            record["train_peak_memory_mb"] = peak_memory_subprocess({**spec, "train": True})["peak_mb"]
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def add_ratios(records: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+    """Fill ``speedup``, ``encoder_speedup``, ``train_speedup`` and ``memory_ratio`` against the first record
+    of model ``baseline`` (all None when there is none)."""
+    base = next((r for r in records if r["model"] == baseline), None) if baseline else None
+    for r in records:
+        r["baseline"] = base["model"] if base else None
+        for key, value in (("speedup", "throughput"), ("encoder_speedup", "encoder_throughput"),
+                           ("train_speedup", "train_throughput")):
+            r[key] = 1.0 if r is base and r[value] is not None else _ratio(r[value], base and base[value])
+        # lower is better for memory: the ratio of the model's peak to the baseline's
+        r["memory_ratio"] = 1.0 if r is base and r["peak_memory_mb"] else _ratio(
+            r["peak_memory_mb"], base and base["peak_memory_mb"])
+    return records
+
+
+def benchmark(
+    models: Sequence[str],
+    preset: str | None = None,
+    prune_ratios: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    batch_size: int = 1,
+    warmup: int = 1,
+    repeats: int = 3,
+    train: bool = False,
+    model_args: dict[str, Any] | None = None,
+    *,
+    baseline: str | None = DEFAULT_BASELINE,
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every model (each sparse one at every prune ratio) in this process, one after the other.
+
+    Args:
+        models: registered model names; ``baseline`` is measured first (added when missing).
+        preset: ``btcv`` or ``brats`` (the paper's geometry), or None for the models' own defaults.
+        prune_ratios: ratios for models whose constructor takes ``prune_ratio``; None = their default.
+        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        threads: ``torch.set_num_threads`` for the run (and the memory child); None keeps the current setting.
+        batch_size: images per forward pass; throughputs are images per second.
+        warmup, repeats: untimed and timed calls of each measurement.
+        train: also time training steps (forward with the target + loss + backward + AdamW step).
+        model_args: constructor overrides, passed to every model that accepts the key.
+        baseline: the dense model every ratio refers to; None disables the ratios.
+        memory: measure peak memory (a child process per model on CPU).
+
+    Returns:
+        One record (dict) per (model, prune ratio); see docs/benchmark.md for the keys.
+    """
+    model_args = dict(model_args or {})
+    names = list(dict.fromkeys(models))
+    if baseline is not None and baseline not in names:
+        names.insert(0, baseline)
+    _check_request(names, preset, prune_ratios, model_args, batch_size, warmup, repeats)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"unknown device {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available")
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    runs = [(name, r) for name in names for r in _runs(name, prune_ratios, baseline)]
+    records = []
+    for i, (name, r) in enumerate(runs, 1):
+        log.info("[%d/%d] %s%s: measuring", i, len(runs), name, "" if r is None else f" r={r:g}")
+        rec = measure_model(name, preset, r, device=dev, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                            train=train, memory=memory, model_args=model_args)
+        rec.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
+                   batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
+        records.append(rec)
+        log.info("[%d/%d] %s", i, len(runs), _summary(rec))
+    return add_ratios(records, baseline)
+
+
+def _summary(rec: dict[str, Any]) -> str:
+    parts = [f"{rec['model']}" + ("" if rec["prune_ratio"] is None else f" r={rec['prune_ratio']:g}"),
+             f"{rec['gmacs']:.1f} GMACs", f"{rec['throughput']:.3g} img/s",
+             f"latency {rec['latency_ms_median']:.0f} ms"]
+    if rec["encoder_throughput"] is not None:
+        parts.append(f"encoder {rec['encoder_throughput']:.3g} img/s")
+    if rec["train_throughput"] is not None:
+        parts.append(f"train {rec['train_throughput']:.3g} img/s")
+    if rec["peak_memory_mb"] is not None:
+        parts.append(f"peak {rec['peak_memory_mb']:.0f} MB")
+    return ", ".join(parts)
