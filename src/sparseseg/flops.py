@@ -1,0 +1,103 @@
+"""Model size and compute: :func:`count_macs` (G multiply-accumulates) and :func:`count_params`.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode``: matrix multiplications, convolutions (and
+transposed convolutions) and attention, as FLOPs / 2. Norms, activations, pooling and other element-wise work are not
+counted (SPEC section 5). On CPU, ``scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_
+for_cpu``, for which torch ships no formula: the counter would silently count attention as zero. Importing this
+module registers the standard SDPA formulas (``sdpa_flop_count`` / ``sdpa_backward_flop_count``) for it.
+
+By default the model runs on the ``meta`` device (shapes only, no arithmetic), so paper-sized models are counted in
+about a second without touching their weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+log = logging.getLogger(__name__)
+
+_aten = torch.ops.aten
+
+
+def _register_cpu_sdpa_formulas() -> None:
+    """Give the CPU flash-attention kernels (forward and backward) the formulas of the other SDPA kernels."""
+    forward = _aten._scaled_dot_product_flash_attention_for_cpu
+    if forward not in flop_registry:
+
+        @register_flop_formula(forward)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if backward is not None and backward not in flop_registry:
+
+        @register_flop_formula(backward)
+        def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                    **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_formulas()
+
+
+def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.device | str) -> int:
+    params = dict(model.named_parameters())
+    dtype = next(iter(params.values())).dtype if params else torch.float32
+    if str(device) == "meta":
+        tensors = {n: torch.empty_like(t, device="meta") for n, t in params.items()}
+        tensors.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
+        x = torch.zeros(shape, dtype=dtype, device="meta")
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(model, tensors, (x,))
+    else:
+        x = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    return int(counter.get_total_flops())
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, device: torch.device | str = "meta"
+               ) -> float:
+    """G MACs (FLOPs / 2 / 1e9) of one inference forward pass of ``model`` on an input of ``input_shape``.
+
+    Args:
+        model: any module; it is run in eval mode (its mode is restored afterwards), weights untouched.
+        input_shape: e.g. ``(1, 4, 128, 128, 128)``, or a tensor whose shape is taken.
+        device: ``"meta"`` (default: shapes only, instant) or a real device; if the meta run fails (an op without
+            a meta kernel) the model is run for real on the device of its parameters.
+
+    Examples:
+        >>> count_macs(nn.Linear(8, 4), (2, 8))
+        6.4e-08
+    """
+    shape = tuple(input_shape.shape) if isinstance(input_shape, torch.Tensor) else tuple(int(s) for s in input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            flops = _forward_flops(model, shape, device)
+        except (NotImplementedError, RuntimeError) as err:
+            if str(device) != "meta":
+                raise
+            real = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+            log.debug("meta-device count failed (%s); counting on %s", err, real)
+            flops = _forward_flops(model, shape, real)
+    finally:
+        model.train(was_training)
+    return flops / 2 / 1e9
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
