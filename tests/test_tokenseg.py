@@ -52,13 +52,26 @@ def test_token_counts_per_level_and_total():
 
 def test_default_split_is_400_candidates_and_100_kept():
     model = create_model("tokenseg", img_size=32, feature_size=4, token_size=24, num_heads=2, codebook_size=64)
-    # level 1/16 has only 8 cells at 32^3: its share moves to the finer levels
-    assert sum(model.tokens_per_level) == 400 and model.tokens_per_level[3] == 8
+    assert sum(model.tokens_per_level) == 400
     assert create_model("tokenseg", preset="btcv").tokens_per_level == (160, 120, 80, 40)
     brats = create_model("tokenseg", preset="brats")
     assert brats.tokens_per_level == (160, 120, 80, 40) and brats.img_size == (128,) * 3
     sel = model.select_tokens(torch.randn(1, 1, 32, 32, 32))
     assert sel.levels.shape == (1, 100) and sel.cells.shape == (1, 100, 3)
+    # 1/16 holds 8 cells, 1/8 64: their excess moves to the next finer level; kept tokens follow the proportions
+    assert model.tokens_per_level == (160, 168, 64, 8) and model._keep_split() == [40, 42, 16, 2]
+    assert torch.bincount(sel.levels[0], minlength=4).tolist() == [40, 42, 16, 2]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keep_per_level_quota(training):
+    model = tiny(keep_per_level=(10, 0, 10, 4)).train(training)
+    enc = model.forward_encoder(torch.randn(2, 2, 32, 32, 32))
+    assert torch.bincount(model.cand_levels[enc.keep_idx].flatten(), minlength=4).tolist() == [20, 0, 20, 8]
+    assert torch.all(enc.keep_idx.diff(dim=1) > 0)
+    model.keep_per_level = None
+    model.num_keep = 49  # runtime knob: the split follows the candidates (40, 30, 20, 8)
+    assert model._keep_split() == [20, 15, 10, 4]
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -236,6 +249,8 @@ def test_state_dict_keys_do_not_depend_on_num_keep():
         (dict(tokens_per_level=(40, 30, 20, 9)), "sums to 99"),
         (dict(num_keep=99), "num_keep"),
         (dict(num_keep=0), "num_keep"),
+        (dict(keep_per_level=(10, 10, 10)), "keep_per_level"),
+        (dict(keep_per_level=(10, 4, 0, 10)), r"keep_per_level\[3\]=10"),
         (dict(img_size=40), "divisible by 16"),
         (dict(img_size=(32, 32)), "divisible by 16"),
         (dict(tokens_per_level=(20, 30, 20, 28)), r"tokens_per_level\[3\]=28"),

@@ -12,7 +12,10 @@ Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2
 3. **Boundary-aware tokenizer**: VQ-VAE quantisation of the candidates (:mod:`sparseseg.models.vq`), then a fixed
    sin-cos embedding of the cell centre and a learned level embedding are added; an importance scorer keeps
    ``num_keep`` (100) tokens with the STP straight-through Gumbel top-K (training) or a plain top-K (eval), and is
-   supervised by BCE towards each candidate's boundary fraction (:mod:`sparseseg.models.boundary`).
+   supervised by BCE towards each candidate's boundary fraction (:mod:`sparseseg.models.boundary`). The top-K runs
+   per level with a quota (``keep_per_level``, default proportional to the candidates: 40/30/20/10), so the kept
+   set always mixes coarse context tokens with fine boundary tokens (one global top-K keeps only the finest
+   level: small cells reach the highest boundary fractions).
 4. **Token mixer**: ``mixer_depth`` Transformer blocks over the kept tokens only (global context at ~100 tokens).
 5. **Sparse-to-dense decoder**: coarse-to-fine; at each level the decoder map = upsampled coarser map + encoder
    skip + reprojection, where kept tokens (quantised, mixed) and dropped candidates (un-quantised, unmixed, cheap)
@@ -36,7 +39,7 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 from sparseseg.models.boundary import TokenSelection, boundary_band, cell_band_fraction
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import register_model
-from sparseseg.models.tokens import gather_tokens, soft_topk
+from sparseseg.models.tokens import TopKSelection, gather_tokens, soft_topk
 from sparseseg.models.tokenseg_blocks import ImportanceScorer, TokenBlock, sincos_3d, split_candidates
 from sparseseg.models.vq import VectorQuantizer
 
@@ -72,6 +75,8 @@ class TokenSeg(nn.Module):
         tokens_per_level: candidates per level, finest first, summing to ``num_candidates``; ``None`` takes the
             shares 40/30/20/10 % (160/120/80/40), moving what a small level cannot hold to the finer levels.
         num_keep: tokens kept by the importance scorer (100); a plain attribute, changeable at inference.
+        keep_per_level: kept tokens per level, summing to ``num_keep``; ``None`` splits ``num_keep`` in proportion
+            to ``tokens_per_level`` (40/30/20/10 by default). A plain attribute too.
         codebook_size: VQ codes (4096). mixer_depth, num_heads: Transformer blocks and heads over kept tokens.
         tau: soft top-K temperature. norm_name: MONAI norm of the residual stages.
         band_radius: boundary band half-width in voxels (a cell's target = its fraction inside the band).
@@ -95,6 +100,7 @@ class TokenSeg(nn.Module):
         num_candidates: int = 400,
         tokens_per_level: Sequence[int] | None = None,
         num_keep: int = 100,
+        keep_per_level: Sequence[int] | None = None,
         codebook_size: int = 4096,
         mixer_depth: int = 2,
         num_heads: int = 4,
@@ -140,7 +146,8 @@ class TokenSeg(nn.Module):
         self.tokens_per_level = tuple(tokens_per_level)
         self.num_candidates = num_candidates
         self.num_keep = num_keep
-        self._check_num_keep()
+        self.keep_per_level = None if keep_per_level is None else tuple(int(k) for k in keep_per_level)
+        self._keep_split()
         self.tau = tau
         self.band_radius = band_radius
         self.vq_weight, self.commitment_beta = vq_weight, commitment_beta
@@ -171,9 +178,34 @@ class TokenSeg(nn.Module):
                                   nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch[0], out_channels, 1))
         self.head_slab = 16  # half-resolution slices per slab of the inference head (memory only, not a weight)
 
-    def _check_num_keep(self) -> None:
+    def _keep_split(self) -> list[int]:
+        """Kept tokens per level (validated): ``keep_per_level`` or ``num_keep`` split like the candidates."""
         if not 1 <= self.num_keep <= self.num_candidates:
             raise ValueError(f"num_keep must be in [1, num_candidates={self.num_candidates}], got {self.num_keep}")
+        if self.keep_per_level is not None:
+            split = list(self.keep_per_level)
+            if len(split) != NUM_LEVELS or sum(split) != self.num_keep:
+                raise ValueError(f"keep_per_level {split} needs {NUM_LEVELS} entries summing to "
+                                 f"num_keep={self.num_keep}")
+        else:
+            split = [self.num_keep * n // self.num_candidates for n in self.tokens_per_level]
+            for level, n in enumerate(self.tokens_per_level):  # the rounding remainder goes to the finest levels
+                extra = min(self.num_keep - sum(split), n - split[level])
+                split[level] += extra
+        for level, (k, n) in enumerate(zip(split, self.tokens_per_level, strict=True)):
+            if not 0 <= k <= n:
+                raise ValueError(f"keep_per_level[{level}]={k} must be in [0, {n}] (candidates of level {level})")
+        return split
+
+    def _select(self, log_scores: torch.Tensor) -> TopKSelection:
+        """Per-level straight-through top-K over the candidates ``[B, N]`` (levels are contiguous blocks)."""
+        parts, start = [], 0
+        for n, k in zip(self.tokens_per_level, self._keep_split(), strict=True):
+            sel = soft_topk(log_scores[:, start:start + n], k, tau=self.tau, noise=self.training,
+                            differentiable=self.training)
+            parts.append(TopKSelection(sel.keep_idx + start, sel.drop_idx + start, sel.keep_mask, sel.drop_mask))
+            start += n
+        return TopKSelection(*(torch.cat(group, 1) for group in zip(*parts, strict=True)))  # ascending indices
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or tuple(x.shape[2:]) != self.img_size:
@@ -201,7 +233,6 @@ class TokenSeg(nn.Module):
     def forward_encoder(self, x: torch.Tensor) -> TokenizerOutput:
         """Encoder, candidate proposal, VQ tokenizer, importance top-K and token mixer (no decoder)."""
         self._check_input(x)
-        self._check_num_keep()
         feats = []
         for stage in self.stages:
             feats.append(stage(feats[-1] if feats else x))  # [B, C_l, *grid_l]
@@ -213,8 +244,7 @@ class TokenSeg(nn.Module):
         pos = sincos_3d(centre, z.shape[-1]) + self.level_embed[levels]  # [B, N, T]
         tokens = q.tokens + pos
         score_logits = self.scorer(tokens)  # [B, N]
-        sel = soft_topk(F.logsigmoid(score_logits), self.num_keep, tau=self.tau, noise=self.training,
-                        differentiable=self.training)
+        sel = self._select(F.logsigmoid(score_logits))
         kept = gather_tokens(tokens, sel.keep_idx) * sel.keep_mask[..., None]  # [B, K, T]
         kept = self.mixer_norm(self.mixer(kept))
         dropped = gather_tokens(z + pos, sel.drop_idx) * sel.drop_mask[..., None]  # [B, N - K, T]
