@@ -8,7 +8,7 @@ completed map.
 * ``"original"`` (patch 16, MONAI ``UNETR``): encoder2/3/4 = pr-up blocks to 8G/4G/2G, four up blocks.
 * ``"v2"`` (patch 8, the paper's BTCV decoder): encoder2 = pr-up to 4G, encoder3 = pr-up to 2G, encoder4 = residual
   block at G, bottleneck = AvgPool3d(3, 2, 1) to G/2; up blocks hidden->8F (+enc4), 8F->4F (+enc3), 4F->2F (+enc2),
-  2F->F (+enc1). Needs an even grid.
+  2F->F (+enc1). Needs even grid sides of at least 4.
 * ``"v1"`` (patch 8, the paper's BraTS decoder): encoder2 = pr-up to 4G, encoder3 = pr-up to 2G, bottleneck at G; up
   blocks hidden->4F (+enc3), 4F->2F (+enc2), 2F->F (+enc1).
 
@@ -136,12 +136,13 @@ class DecoderV1(UnetrDecoder):
 def build_decoder(name: str, *, patch_size: int, grid_size: Sequence[int], in_channels: int, out_channels: int,
                   hidden_size: int, feature_size: int = 16, norm_name: str | tuple = "instance") -> UnetrDecoder:
     """The decoder ``name`` for ``patch_size``; ValueError for an unknown name, a patch size it was not built for, or
-    (``v2``) an odd patch grid."""
+    (``v2``) a patch grid with an odd side or one below 4."""
     if name not in DECODERS:
         raise ValueError(f"unknown decoder {name!r}; valid decoders: {', '.join(DECODERS)}")
     if DECODER_PATCH[name] != patch_size:
         raise ValueError(f"decoder {name!r} needs patch_size {DECODER_PATCH[name]}, got patch_size {patch_size}")
-    if name == "v2" and any(g % 2 for g in grid_size):
-        raise ValueError(f"decoder 'v2' pools the patch grid by 2 and needs even sides, got grid {tuple(grid_size)}")
+    if name == "v2" and any(g % 2 or g < 4 for g in grid_size):
+        raise ValueError(f"decoder 'v2' pools the patch grid by 2 and needs even sides >= 4 (img_size a multiple of "
+                         f"16, at least 32), got grid {tuple(grid_size)}")
     cls = {"original": OriginalDecoder, "v1": DecoderV1, "v2": DecoderV2}[name]
     return cls(in_channels, out_channels, hidden_size, feature_size, norm_name)

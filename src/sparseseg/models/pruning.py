@@ -107,7 +107,7 @@ def binary_decision(log_probs: torch.Tensor, tau: float, noise: bool) -> torch.T
     logits = log_probs + gumbel_like(log_probs) if noise else log_probs
     soft = torch.softmax(logits / tau, dim=-1)[..., 0]  # [B, L]
     hard = (logits[..., 0] >= logits[..., 1]).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # the bracket is exactly 0 in the forward pass
 
 
 class SparseViTEncoder(nn.Module):
