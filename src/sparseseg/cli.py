@@ -31,6 +31,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_evaluate(sub)
     _add_benchmark(sub)
+    _add_visualize(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -184,6 +186,92 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         if args.plot:
             write_plot(records, args.plot)
         sys.stdout.write(markdown_table(records))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("visualize", help="pictures: pruning policy, prediction overlays, training curves",
+                       description="Draw PNG pictures; see docs/demo.md for examples.")
+    vsub = p.add_subparsers(dest="picture", metavar="PICTURE", required=True)
+
+    pol = vsub.add_parser("policy", help="depth at which each token was pruned, over image slices (paper Fig. 2)")
+    pol.add_argument("--checkpoint", required=True, help="checkpoint of a token-pruning model")
+    pol.add_argument("--input", required=True, nargs="+", help="one case: a NIfTI file or its CASE_XXXX channel files")
+    pol.add_argument("--output", required=True, help="PNG to write")
+    pol.add_argument("--label", default=None, help="reference label map of the case, drawn beside the policy")
+    pol.add_argument("--prune-ratio", type=float, default=None, help="test-time pruning ratio (default: trained)")
+    pol.add_argument("--axis", type=int, choices=[0, 1, 2], default=2, help="voxel axis held fixed per slice")
+    pol.add_argument("--slices", type=int, nargs="+", default=None, help="slice indices (default: 4 spread out)")
+    pol.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+    def run_policy(args: argparse.Namespace) -> int:
+        from sparseseg.policy import policy_from_checkpoint
+        from sparseseg.visualize import plot_policy
+
+        pm = policy_from_checkpoint(args.checkpoint, args.input, label=args.label, prune_ratio=args.prune_ratio,
+                                    device=args.device)
+        out = plot_policy(pm.image, pm.depth, pm.patch_size, pm.label, output=args.output,
+                          num_layers=pm.num_layers, depths=pm.levels, slices=args.slices, axis=args.axis)
+        sys.stdout.write(f"wrote {out}\n")
+        return 0
+
+    pol.set_defaults(func=run_policy)
+
+    ov = vsub.add_parser("overlay", help="image, reference and prediction(s) on several slices")
+    ov.add_argument("--image", required=True, help="NIfTI image (first channel shown)")
+    ov.add_argument("--label", default=None, help="reference label map")
+    ov.add_argument("--pred", nargs="+", default=[], help="predicted label map(s), each as FILE or NAME=FILE")
+    ov.add_argument("--output", required=True, help="PNG to write")
+    ov.add_argument("--dataset", default=None, help="dataset.json for the class names")
+    ov.add_argument("--axis", type=int, choices=[0, 1, 2], default=2, help="voxel axis held fixed per slice")
+    ov.add_argument("--slices", type=int, nargs="+", default=None, help="slice indices (default: 4 spread out)")
+
+    def run_overlay(args: argparse.Namespace) -> int:
+        from sparseseg.visualize import load_overlay_inputs, plot_overlay
+
+        image, label, preds, names = load_overlay_inputs(args.image, args.label, args.pred, args.dataset)
+        out = plot_overlay(image, label, preds, output=args.output, class_names=names, slices=args.slices,
+                           axis=args.axis)
+        sys.stdout.write(f"wrote {out}\n")
+        return 0
+
+    ov.set_defaults(func=run_overlay)
+
+    cu = vsub.add_parser("curves", help="training loss, validation Dice and learning rate from RUN_DIR/log.csv")
+    cu.add_argument("--run", required=True, nargs="+", help="run folder(s) of `sparseseg train`")
+    cu.add_argument("--output", required=True, help="PNG to write")
+
+    def run_curves(args: argparse.Namespace) -> int:
+        from sparseseg.visualize import plot_curves
+
+        sys.stdout.write(f"wrote {plot_curves(args.run, args.output)}\n")
+        return 0
+
+    cu.set_defaults(func=run_curves)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train, run and score unetr and stp_mta_unetr on the ICBM152 brain template",
+                       description="Builds a tissue-segmentation dataset from the ICBM152 2009 template shipped with "
+                                   "nilearn, trains the dense and the token-pruning model with the same time budget, "
+                                   "predicts a held-out anterior block, times CPU inference and writes "
+                                   "OUTPUT/report.md; see docs/demo.md.")
+    p.add_argument("--output", default="sparseseg_demo", help="output folder (default ./sparseseg_demo)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run on a 4 mm template with tiny models")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training time per model in minutes (both train at once; default 7, quick 0.1)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--prune-ratio", type=float, default=0.75, help="pruning ratio of stp_mta_unetr (default 0.75)")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.demo import run_demo
+
+        report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
+                          prune_ratio=args.prune_ratio, seed=args.seed)
+        sys.stdout.write(f"wrote {report}\n")
         return 0
 
     p.set_defaults(func=run)
