@@ -168,6 +168,13 @@ def test_registry_presets():
     assert model.model_args["modalities"] == [1]
 
 
+@pytest.mark.parametrize("ratio,size", [(2, 16), (4, 32)])
+def test_other_window_ratios(ratio, size):
+    model = tiny(window_ratio=ratio, img_size=size).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 2, size, size, size)).shape == (1, 3, size, size, size)
+
+
 def test_forward_encoder_returns_stage_features():
     feats = tiny().eval().forward_encoder(torch.randn(1, 2, 24, 24, 24))
     assert [tuple(f.shape) for f in feats] == [(1, 8, 6, 6, 6), (1, 16, 3, 3, 3)]
