@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +201,27 @@ def test_time_budget_stops_training(tmp_path, msd_dataset):
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 1  # stopped after the first step, then validated
     assert "mean_dice" in ckpt["history"][-1]
     assert ckpt["scheduler"]["time_budget"] == 1e-3
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # registers tiny_seg
+from sparseseg.config import TrainConfig
+from sparseseg.training import train
+train(TrainConfig(dataset={dataset!r}, model="tiny_seg", output={output!r}, roi_size=[16, 16, 16], epochs=2,
+                  iters_per_epoch=2, batch_size=1, lr=3e-3, model_args={{"feature_size": 4}}, time_budget=600))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, msd_dataset):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), dataset=str(msd_dataset),
+                                        output=str(tmp_path / "run")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 4 and len(ckpt["history"]) == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == pytest.approx(6e-3)

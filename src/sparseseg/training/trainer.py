@@ -25,12 +25,13 @@ from monai.data import CacheDataset, DataLoader
 from torch.utils.data import RandomSampler
 from tqdm import tqdm
 
-from sparseseg.config import TrainConfig, resolve_device
+from sparseseg.config import TrainConfig
 from sparseseg.data.datasets import Case, load_dataset, split_cases
 from sparseseg.data.io import atomic_write
 from sparseseg.data.transforms import build_transforms, unwrap_input_errors
 from sparseseg.errors import InputError
 from sparseseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sparseseg.training.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, wrap_model
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer
 from sparseseg.training.setup import build_data_config, build_model
@@ -93,9 +94,10 @@ def _loaders(config: TrainConfig, data_cfg, train_cases: list[Case], val_cases: 
     return train_ds, val_ds
 
 
-def _epoch_loader(train_ds: CacheDataset, config: TrainConfig, iters: int, epoch: int) -> DataLoader:
-    # The crops and the case order of epoch e depend only on (seed, e): resuming at an epoch boundary replays them.
-    epoch_seed = (config.seed * 1_000_003 + epoch) % 2**31
+def _epoch_loader(train_ds: CacheDataset, config: TrainConfig, iters: int, epoch: int, rank: int = 0) -> DataLoader:
+    # The crops and the case order of epoch e depend only on (seed, e, rank): resuming at an epoch boundary
+    # replays them.
+    epoch_seed = (config.seed * 1_000_003 + epoch * 1009 + rank) % 2**31
     train_ds.transform.set_random_state(seed=epoch_seed)
     generator = torch.Generator().manual_seed(epoch_seed)
     sampler = RandomSampler(train_ds, replacement=True, num_samples=iters * config.batch_size, generator=generator)
@@ -112,9 +114,16 @@ def train(config: TrainConfig) -> Path:
         >>> best = train(cfg)  # doctest: +SKIP
     """
     config.validate()
+    info, device = init_distributed(config.device)
+    try:
+        return _train(config, info, device)
+    finally:
+        cleanup(info)
+
+
+def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     run_dir = Path(config.output)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
+    seed_everything(config.seed + info.rank)
     ds = load_dataset(config.dataset)
     train_cases, val_cases = split_cases(ds, config.fold, config.num_folds, config.seed)
     data_cfg = build_data_config(config, ds)
@@ -123,17 +132,20 @@ def train(config: TrainConfig) -> Path:
     iters = config.iters_per_epoch or max(1, math.ceil(len(train_cases) / config.batch_size))
 
     model.to(device)
-    lr = config.learning_rate()
+    lr = config.learning_rate() * info.world_size  # the global batch is batch_size per process
     optimizer = build_optimizer(model, lr, config.weight_decay, config.layer_decay, tuple(config.betas))
     scheduler = WarmupCosine(optimizer, lr, config.epochs * iters, config.warmup_fraction, config.min_lr_ratio,
                              config.time_budget)
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid)
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "elapsed": 0.0, "history": []}
     if config.resume:
         state = _resume(run_dir / "last.pt", model, optimizer, scheduler, scaler, config)
         scheduler.total_iters = config.epochs * iters
+    net = wrap_model(model, info, device)
+    if not info.is_main:
+        return _follow(net, model, config, info, device, train_ds, data_cfg, loss_fn, optimizer, scheduler, scaler,
+                       iters, state)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"config": config.to_dict(), "model_name": model.model_name, "model_args": model.model_args,
@@ -146,36 +158,15 @@ def train(config: TrainConfig) -> Path:
              model.model_name, meta["num_parameters"] / 1e6, len(train_cases), len(val_cases), device, lr)
 
     start = time.perf_counter() - state["elapsed"]
-    stop = False
     try:
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
             t0 = time.perf_counter()
-            losses: list[float] = []
-            model.train()
-            loader = _epoch_loader(train_ds, config, iters, epoch)
-            bar = tqdm(loader, total=iters, desc=f"epoch {epoch}/{config.epochs}", unit="it", leave=False)
-            with unwrap_input_errors():
-                for batch in bar:
-                    x = batch["image"].as_tensor().to(device)
-                    y = batch["label"].as_tensor().to(device)
-                    target = y if data_cfg.sigmoid else y.long()
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                        out = model(x, target=target)
-                    loss, _ = loss_fn(out, y)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step(time.perf_counter() - start)
-                    losses.append(float(loss.detach()))
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    if config.time_budget and time.perf_counter() - start >= config.time_budget:
-                        stop = True
-                        break
+            loader = _epoch_loader(train_ds, config, iters, epoch, info.rank)
+            losses, stop = _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config, data_cfg, info,
+                                        device, start, f"epoch {epoch}/{config.epochs}")
             row: dict[str, Any] = {"epoch": epoch, "iteration": scheduler.iteration,
                                    "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[-1]["lr"]}
-            final = stop or epoch == config.epochs
-            if val_ds is not None and (epoch % config.val_every == 0 or final):
+            if val_ds is not None and (epoch % config.val_every == 0 or stop or epoch == config.epochs):
                 row.update(validate(model, DataLoader(val_ds, batch_size=1), data_cfg, device, config.overlap,
                                     config.sw_batch_size))
             row["epoch_seconds"] = time.perf_counter() - t0
@@ -184,6 +175,7 @@ def train(config: TrainConfig) -> Path:
             _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row)
             run_log.write(state["history"])
             _log_epoch(row, state, config.epochs)
+            barrier(info)
             if stop:
                 log.info("time budget of %.0f s spent after %d epoch(s)", config.time_budget, epoch)
                 break
@@ -191,6 +183,51 @@ def train(config: TrainConfig) -> Path:
         run_log.close()
     best = run_dir / "best.pt"
     return best if best.exists() else run_dir / "last.pt"
+
+
+def _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config: TrainConfig, data_cfg, info: DistInfo,
+                 device: torch.device, start: float, desc: str) -> tuple[list[float], bool]:
+    """One epoch of steps; returns the step losses and whether the time budget is spent (on any process)."""
+    use_amp = scaler.is_enabled()
+    losses: list[float] = []
+    stop = False
+    net.train()
+    bar = tqdm(loader, total=len(loader), desc=desc, unit="it", leave=False, disable=not info.is_main)
+    with unwrap_input_errors():
+        for batch in bar:
+            x = batch["image"].as_tensor().to(device)
+            y = batch["label"].as_tensor().to(device)
+            target = y if data_cfg.sigmoid else y.long()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                out = net(x, target=target)
+            loss, _ = loss_fn(out, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step(time.perf_counter() - start)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            spent = bool(config.time_budget) and time.perf_counter() - start >= config.time_budget
+            if any_process(spent, info, device):
+                stop = True
+                break
+    return losses, stop
+
+
+def _follow(net, model, config, info, device, train_ds, data_cfg, loss_fn, optimizer, scheduler, scaler, iters,
+            state) -> Path:
+    """The loop of a non-main DDP process: the same steps, no validation, logs or checkpoints."""
+    start = time.perf_counter() - state["elapsed"]
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        loader = _epoch_loader(train_ds, config, iters, epoch, info.rank)
+        _, stop = _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config, data_cfg, info, device,
+                               start, "")
+        barrier(info)
+        if stop:
+            break
+    best = Path(config.output) / "best.pt"
+    return best if best.exists() else Path(config.output) / "last.pt"
 
 
 def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row) -> None:

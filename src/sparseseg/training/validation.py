@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 
 from sparseseg.data.transforms import DataConfig
 
@@ -48,15 +48,16 @@ def validate(model: nn.Module, batches: Iterable[dict], data_cfg: DataConfig, de
     (NaN when a class is absent everywhere)."""
     was_training = model.training
     model.eval()
-    metric = DiceMetric(include_background=data_cfg.sigmoid, reduction="none", ignore_empty=True)
+    # The functional form: DiceMetric.aggregate would all-gather across DDP processes, only process 0 validates.
     k = data_cfg.out_channels
+    rows = []
     for batch in batches:
         image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
         logits = sliding_window_logits(model, image.to(device), data_cfg.roi_size, sw_batch_size, overlap)
         label = batch["label"].to(device)
-        metric(y_pred=binarise(logits, data_cfg.sigmoid), y=target_masks(label, k, data_cfg.sigmoid))
-    scores = metric.aggregate().cpu().numpy()  # [cases, classes]
-    metric.reset()
+        rows.append(compute_dice(binarise(logits, data_cfg.sigmoid), target_masks(label, k, data_cfg.sigmoid),
+                                 include_background=data_cfg.sigmoid, ignore_empty=True).float().cpu())
+    scores = torch.cat(rows).numpy()  # [cases, classes]
     model.train(was_training)
     names = data_cfg.class_names if data_cfg.sigmoid else data_cfg.class_names[1:]
     with np.errstate(all="ignore"):

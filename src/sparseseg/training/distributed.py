@@ -1,0 +1,80 @@
+"""Multi-GPU (or multi-process CPU) training through ``torchrun`` and PyTorch DDP.
+
+``torchrun --nproc_per_node N -m sparseseg train ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; each process
+then trains on its own crops (batch ``batch_size`` per process, so the learning rate scales with
+``batch_size * N / 256``), process 0 validates and writes logs and checkpoints. Without those variables training
+runs in one process and nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sparseseg.config import resolve_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the ``torchrun`` process group if there is one (NCCL on CUDA, Gloo on CPU) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), resolve_device(device)
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return info, dev
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP around ``model`` when distributed (parameters broadcast from rank 0), else the model itself.
+
+    ``find_unused_parameters`` is on because some ablations (e.g. a scorer skipped at a ratio of 0) leave
+    parameters without a gradient in a step.
+    """
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on at least one (keeps time-budget stops in step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
