@@ -4,7 +4,9 @@ Per epoch: ``iters_per_epoch`` steps on random ROI crops (seeded per epoch, so a
 crops), a per-epoch log line, a row in ``RUN_DIR/log.csv`` (and TensorBoard when installed), sliding-window
 validation every ``val_every`` epochs and at the end, then ``last.pt`` (and ``best.pt`` on a new best mean
 Dice), each written atomically. ``resume=True`` restores model, optimizer, schedule, scaler, RNG states and
-history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device).
+history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device, one
+process). Under ``torchrun`` every process trains (DDP) and process 0 validates and writes
+(:mod:`sparseseg.training.distributed`).
 """
 
 from __future__ import annotations
