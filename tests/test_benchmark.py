@@ -131,7 +131,7 @@ def test_markdown_drops_empty_columns():
            "memory_ratio": None, "baseline": "m", "preset": None, "device": "cpu", "threads": 2,
            "torch_version": "x", "batch_size": 1, "warmup": 1, "repeats": 3, "macs_counter": "c"}
     table = markdown_table([rec])
-    assert "| m | 2.00 | 1.0 | 2 | 500 / 510 | 1.00 |" in table
+    assert "| m | 2.00 | 1 | 2 | 500 / 510 | 1.00 |" in table
     assert "train" not in table.splitlines()[2]
 
 

@@ -92,9 +92,10 @@ def make_inputs(args: dict[str, Any], batch_size: int, sigmoid: bool, device: to
 
 
 def _macs_and_params(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
+    """G MACs of one image (``count_macs``, batch 1) and the number of parameters."""
     from sparseseg.flops import count_macs, count_params
 
-    return float(count_macs(model, x[:1])) / 1e9, int(count_params(model))
+    return float(count_macs(model, tuple(x[:1].shape))), int(count_params(model))
 
 
 def _runs(name: str, prune_ratios: Sequence[float] | None, baseline: str | None) -> list[float | None]:
