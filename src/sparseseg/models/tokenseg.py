@@ -2,10 +2,10 @@
 
 Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2, 1/4, 1/8, 1/16):
 
-1. **Multi-scale hierarchical encoder**: four strided residual CNN stages, the first straight on the image (no
-   full-resolution encoder map). A level-``l`` *cell* is the ``stride^3`` image block under one voxel of that
-   level's map (an octree: one cell of a level holds 8 cells of the finer one); the strided stages pool it into
-   that voxel's feature vector.
+1. **Multi-scale hierarchical encoder**: four levels, each a 2^3 stride-2 conv (it pools every non-overlapping
+   2^3 cell of the finer map into one voxel) followed by a residual block; the first works on the image itself
+   (no full-resolution encoder map). A level-``l`` *cell* is the ``stride^3`` image block under one voxel of that
+   level's map (an octree: one cell of a level holds 8 cells of the finer one).
 2. **Candidate proposal**: a 1x1x1 conv per level scores every cell (trained by BCE towards the cell's boundary
    fraction); the top ``tokens_per_level[l]`` cells of each level become candidates, 400 in all. Their features
    are projected to ``token_size`` (one Linear per level) and LayerNorm-ed.
@@ -20,10 +20,10 @@ Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2
 5. **Sparse-to-dense decoder**: coarse-to-fine; at each level the decoder map = upsampled coarser map + encoder
    skip + reprojection, where kept tokens (quantised, mixed) and dropped candidates (un-quantised, unmixed, cheap)
    write their per-level projection into their cell and every cell gets a learned per-level fill vector.
-   Additive skips; the only full-resolution work is the head: upsampled 1/2 map + a 3^3 conv of the image
-   (``feature_size`` channels), one 3^3 conv, a 1^3 classifier. Without autograd (inference) the head runs in
-   slabs of ``head_slab`` half-resolution slices with a one-slice halo, so no full-resolution feature map is
-   ever held whole: only the logits are (the result is the same as the unsliced head).
+   Additive skips, x2 upsampling by a 1^3 conv + nearest neighbour; the only full-resolution work is the head:
+   upsampled 1/2 map + a 1^3 conv of the image (``feature_size`` channels), one 3^3 conv, a 1^3 classifier.
+   Without autograd (inference) the head runs in slabs of ``head_slab`` half-resolution slices with a one-slice
+   halo, so no full-resolution feature map is ever held whole: only the logits are (same result as unsliced).
 """
 
 from __future__ import annotations
@@ -34,13 +34,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks.dynunet_block import UnetResBlock
 
 from sparseseg.models.boundary import TokenSelection, boundary_band, cell_band_fraction
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import register_model
 from sparseseg.models.tokens import TopKSelection, gather_tokens, soft_topk
-from sparseseg.models.tokenseg_blocks import ImportanceScorer, TokenBlock, sincos_3d, split_candidates
+from sparseseg.models.tokenseg_blocks import (
+    Down,
+    ImportanceScorer,
+    ResBlock,
+    TokenBlock,
+    Up,
+    norm_layer,
+    sincos_3d,
+    split_candidates,
+)
 from sparseseg.models.vq import VectorQuantizer
 
 NUM_LEVELS = 4
@@ -78,7 +86,7 @@ class TokenSeg(nn.Module):
         keep_per_level: kept tokens per level, summing to ``num_keep``; ``None`` splits ``num_keep`` in proportion
             to ``tokens_per_level`` (40/30/20/10 by default). A plain attribute too.
         codebook_size: VQ codes (4096). mixer_depth, num_heads: Transformer blocks and heads over kept tokens.
-        tau: soft top-K temperature. norm_name: MONAI norm of the residual stages.
+        tau: soft top-K temperature. norm_name: ``"instance"`` or ``"batch"``, the norm of the residual blocks.
         band_radius: boundary band half-width in voxels (a cell's target = its fraction inside the band).
         vq_weight, commitment_beta, boundary_weight, proposal_weight: auxiliary loss weights.
 
@@ -158,7 +166,8 @@ class TokenSeg(nn.Module):
         self.register_buffer("stride_table", torch.tensor(self.strides, dtype=torch.float32), persistent=False)
 
         ch = [feature_size * 2**i for i in range(NUM_LEVELS + 1)]  # full resolution, then levels 1/2 .. 1/16
-        self.stages = nn.ModuleList(UnetResBlock(3, in_channels if i == 0 else ch[i], ch[i + 1], 3, 2, norm_name)
+        norm_layer(norm_name, 1)  # validates the name before anything is built
+        self.stages = nn.ModuleList(Down(in_channels if i == 0 else ch[i], ch[i + 1], norm_name)
                                     for i in range(NUM_LEVELS))
         self.proposal = nn.ModuleList(nn.Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
         self.token_embed = nn.ModuleList(nn.Linear(ch[i + 1], token_size) for i in range(NUM_LEVELS))
@@ -170,10 +179,10 @@ class TokenSeg(nn.Module):
         self.mixer_norm = nn.LayerNorm(token_size, eps=1e-6)
         self.reproject = nn.ModuleList(nn.Linear(token_size, ch[i + 1]) for i in range(NUM_LEVELS))
         self.fill = nn.ParameterList(nn.Parameter(torch.zeros(ch[i + 1])) for i in range(NUM_LEVELS))
-        self.up = nn.ModuleList(nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(NUM_LEVELS))
-        self.decode = nn.ModuleList(UnetResBlock(3, ch[i], ch[i], 3, 1, norm_name) for i in range(1, NUM_LEVELS))
+        self.up = nn.ModuleList(Up(ch[i + 1], ch[i]) for i in range(NUM_LEVELS))
+        self.decode = nn.ModuleList(ResBlock(ch[i], norm_name) for i in range(1, NUM_LEVELS))
         # Full resolution: no normalisation (cheaper, and it helped the demo's Dice: SPEC section 5).
-        self.image_skip = nn.Conv3d(in_channels, ch[0], 3, padding=1)
+        self.image_skip = nn.Conv3d(in_channels, ch[0], 1)
         self.head = nn.Sequential(nn.LeakyReLU(0.01), nn.Conv3d(ch[0], ch[0], 3, padding=1),
                                   nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch[0], out_channels, 1))
         self.head_slab = 16  # half-resolution slices per slab of the inference head (memory only, not a weight)
@@ -277,7 +286,7 @@ class TokenSeg(nn.Module):
         return self.head(self.up[0](y) + self.image_skip(x))
 
     def _full_resolution_slabs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """:meth:`_full_resolution` slab by slab along D; two 3^3 convs need a halo of 2 voxels = 1 half slice."""
+        """:meth:`_full_resolution` slab by slab along D; its 3^3 conv needs a halo of 1 voxel (1 half slice)."""
         half = y.shape[2]
         out = None
         for start in range(0, half, self.head_slab):

@@ -84,3 +84,45 @@ def split_candidates(total: int, cells_per_level: list[int], shares: tuple[float
     if spill:
         raise ValueError(f"num_candidates ({total}) exceeds the {sum(cells_per_level)} cells of all levels")
     return counts
+
+
+def norm_layer(norm_name: str, channels: int) -> nn.Module:
+    """``"instance"``: GroupNorm with one group per channel (instance norm with an affine; the same result as
+    ``InstanceNorm3d(affine=True)`` and about 3x faster on CPU); ``"batch"``: BatchNorm3d."""
+    if norm_name == "instance":
+        return nn.GroupNorm(channels, channels)
+    if norm_name == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"norm_name must be 'instance' or 'batch', got {norm_name!r}")
+
+
+class ResBlock(nn.Module):
+    """Residual block ``[B, C, ...] -> [B, C, ...]``: conv 3^3 - norm - LeakyReLU - conv 3^3 - norm, + input, LeakyReLU.
+    """
+
+    def __init__(self, channels: int, norm_name: str = "instance") -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+        )
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + x)
+
+
+class Down(nn.Sequential):
+    """One encoder level: a 2^3 stride-2 conv (each output voxel pools its non-overlapping 2^3 cell) + ResBlock."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_name: str = "instance") -> None:
+        super().__init__(nn.Conv3d(in_channels, out_channels, 2, stride=2), ResBlock(out_channels, norm_name))
+
+
+class Up(nn.Sequential):
+    """x2 upsampling ``[B, C_in, d, h, w] -> [B, C_out, 2d, 2h, 2w]``: a 1^3 conv at the coarse resolution, then
+    nearest-neighbour x2 (the conv commutes with nearest upsampling, so it runs on 8x fewer voxels)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.Conv3d(in_channels, out_channels, 1), nn.Upsample(scale_factor=2, mode="nearest"))
