@@ -17,8 +17,9 @@ def _run(argv: list[str]) -> None:
     assert main(argv) == 0, argv
 
 
-def _end_to_end(tmp_path, capsys, model: str, model_args: list[str], extra: list[str] = ()) -> dict:
-    dataset = write_msd_dataset(tmp_path / "Task00", num_cases=4, shape=(24, 28, 32), num_test=2)
+def _end_to_end(tmp_path, capsys, model: str, model_args: list[str], extra: list[str] = (),
+                predict_args: list[str] = (), shape: tuple[int, int, int] = (24, 28, 32)) -> dict:
+    dataset = write_msd_dataset(tmp_path / "Task00", num_cases=4, shape=shape, num_test=2)
     run = tmp_path / "run"
     config = tmp_path / "train.yaml"
     config.write_text(f"model: {model}\nepochs: 5\niters_per_epoch: 2\nbatch_size: 2\nlr: 0.003\n")
@@ -35,7 +36,7 @@ def _end_to_end(tmp_path, capsys, model: str, model_args: list[str], extra: list
 
     pred = tmp_path / "pred"
     _run(["predict", "--checkpoint", str(run / "best.pt"), "--input", str(dataset.parent / "imagesTs"),
-          "--output", str(pred), "--save-probabilities", "--sw-batch-size", "2"])
+          "--output", str(pred), "--save-probabilities", "--sw-batch-size", "2", *predict_args])
     train_image = dataset.parent / "imagesTr" / "case_000.nii.gz"
     _run(["predict", "--checkpoint", str(run / "last.pt"), "--input", str(train_image),
           "--output", str(tmp_path / "pred_tr"), "--overlap", "0.25"])
@@ -47,7 +48,7 @@ def _end_to_end(tmp_path, capsys, model: str, model_args: list[str], extra: list
         assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= {0, 1, 2}
     for case in ("case_004", "case_005"):
         probs = np.asarray(nib.load(pred / f"{case}_probabilities.nii.gz").dataobj)
-        assert probs.shape == (24, 28, 32, 3) and np.allclose(probs.sum(-1), 1.0, atol=1e-4)
+        assert probs.shape == (*shape, 3) and np.allclose(probs.sum(-1), 1.0, atol=1e-4)
 
     metrics = tmp_path / "metrics.json"
     _run(["evaluate", "--pred", str(pred), "--label", str(dataset.parent / "labelsTs"), "--output", str(metrics),
@@ -71,8 +72,15 @@ def test_train_predict_evaluate(tmp_path, capsys):
     _end_to_end(tmp_path, capsys, "tiny_seg", ["feature_size=8"])
 
 
+VIT = ["hidden_size=48", "num_layers=3", "num_heads=3", "mlp_dim=96", "feature_size=4", "patch_size=8", "decoder=v1"]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif("unetr" not in list_models(), reason="unetr is not registered")
-def test_train_predict_evaluate_unetr(tmp_path, capsys):
-    _end_to_end(tmp_path, capsys, "unetr", ["hidden_size=48", "num_layers=2", "num_heads=3", "mlp_dim=96",
-                                            "feature_size=4", "patch_size=8"])
+@pytest.mark.parametrize("model, extra_args, predict_args", [
+    ("unetr", ["skip_layers=[1, 2]"], []),
+    ("stp_mta_unetr", ["prune_after=[1, 2]", "completion_size=48", "completion_heads=3"], ["--prune-ratio", "0.25"]),
+])
+def test_train_predict_evaluate_vit(tmp_path, capsys, model, extra_args, predict_args):
+    if model not in list_models():
+        pytest.skip(f"{model} is not registered")
+    _end_to_end(tmp_path, capsys, model, VIT + extra_args, predict_args=predict_args, shape=(16, 20, 16))
