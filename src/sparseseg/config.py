@@ -60,7 +60,7 @@ class TrainConfig:
     label_mode: str = "auto"  # classes (softmax), regions (sigmoid), auto: regions for brats/region datasets
     overlap: float = 0.5  # sliding-window overlap during validation
     sw_batch_size: int = 4
-    time_budget: float | None = None  # seconds; training stops (and the schedule ends) when it is spent
+    time_budget: float | None = None  # seconds of steps + validations; training and the schedule end on it
     resume: bool = False  # continue from OUTPUT/last.pt
     num_workers: int = 0
     cache_rate: float = 1.0  # fraction of preprocessed cases kept in memory
