@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from sparseseg.models.pruning import SparseEncoding
+from sparseseg.models.pruning import SparseEncoding, with_cls
 from sparseseg.models.vit import LN_EPS, Block, _init_weights
 
 COMPLETIONS = ("mta", "mim")
@@ -43,11 +43,6 @@ def sincos_pos_embed_3d(grid_size: Sequence[int], dim: int, cls_token: bool = Tr
     if cls_token:
         emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)  # [1 + N, dim]
     return emb
-
-
-def token_positions(keep_idx: torch.Tensor) -> torch.Tensor:
-    """Positions in the ``[CLS] + N`` layout of [CLS] and the kept tokens: ``[B, K] -> [B, 1 + K]``."""
-    return torch.cat([keep_idx.new_zeros(keep_idx.shape[0], 1), keep_idx + 1], dim=1)
 
 
 def _put(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -103,7 +98,7 @@ class MultiLayerTokenAssembly(_Completion):
         groups = [self.embeds[g](self.norms[g](grp.tokens)) + self.blk_tokens[g] for g, grp in enumerate(enc.pruned)]
         if enc.keep_weight is None:  # disjoint groups: each position written once
             z = final.new_empty(b, 1 + self.num_tokens, c)
-            _put(z, token_positions(enc.keep_idx), final)
+            _put(z, with_cls(enc.keep_idx), final)
             for grp, feats in zip(enc.pruned, groups, strict=True):
                 _put(z, grp.idx + 1, feats)
         else:  # every group holds all N tokens in order; memberships weight them (DynamicViT training)
@@ -131,7 +126,7 @@ class MaskedTokenCompletion(_Completion):
         final = self.embed(enc.final)  # [B, 1 + K, hidden] -> [B, 1 + K, C]
         mask = self.mask_token.to(final.dtype).expand(b, 1 + self.num_tokens, c)  # [B, 1 + N, C]
         if enc.keep_weight is None:
-            pos = token_positions(enc.keep_idx)
+            pos = with_cls(enc.keep_idx)
             z = mask.scatter(1, pos.unsqueeze(-1).expand(-1, -1, c), final)  # [B, 1 + N, C]
         else:
             w = torch.cat([enc.keep_weight.new_ones(b, 1), enc.keep_weight], 1).unsqueeze(-1)  # [B, 1 + N, 1]

@@ -65,6 +65,11 @@ class SparseEncoding:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def with_cls(idx: torch.Tensor) -> torch.Tensor:
+    """Positions in the ``[CLS] + patches`` layout of [CLS] and the patch tokens ``idx``: ``[B, K] -> [B, 1 + K]``."""
+    return F.pad(idx + 1, (1, 0), value=0)
+
+
 class ScoreNet(nn.Module):
     """Token score network (paper eq. 1; SPEC "Score net"): ``[B, L, C] -> [B, L, out_dim]``.
 
@@ -197,16 +202,15 @@ class SparseViTEncoder(nn.Module):
                 log_s, next(keep_counts), tau=self.tau, noise=stochastic and learned and self.perturbation == "gumbel",
                 differentiable=stochastic and learned,
             )
-            kept = gather_tokens(patch, sel.keep_idx)  # [B, L, C] -> [B, K, C]
-            dropped = gather_tokens(patch, sel.drop_idx)  # [B, L, C] -> [B, L - K, C]
+            dropped = gather_tokens(z, sel.drop_idx + 1)  # [B, 1 + L, C] -> [B, L - K, C]
+            z = gather_tokens(z, with_cls(sel.keep_idx))  # [B, 1 + L, C] -> [B, 1 + K, C], [CLS] first
             if stochastic and learned:  # straight-through masks (exactly 1 forward) carry the top-K gradient
-                kept = kept * sel.keep_mask.unsqueeze(-1)
+                z = z * F.pad(sel.keep_mask, (1, 0), value=1.0).unsqueeze(-1)
                 dropped = dropped * sel.drop_mask.unsqueeze(-1)
             drop_pos = alive.gather(1, sel.drop_idx)  # [B, L - K]
             pruned.append(TokenGroup(dropped, drop_pos))
             depth = depth.scatter(1, drop_pos, i + 1)
             alive = alive.gather(1, sel.keep_idx)  # [B, K]
-            z = torch.cat([z[:, :1], kept], dim=1)  # [B, 1 + K, C]
         return SparseEncoding(vit.norm(z), alive, pruned, depth)
 
     def _forward_dynamic(self, x: torch.Tensor, prune_ratio: float) -> SparseEncoding:
