@@ -20,7 +20,8 @@ from sparseseg.training.checkpoint import save_checkpoint
 from sparseseg.visualize import (
     CELL_INCHES,
     DPI,
-    LEGEND_INCHES,
+    figure_size,
+    panel_aspect,
     pick_slices,
     plot_curves,
     plot_overlay,
@@ -62,7 +63,9 @@ def test_overlay_default_layout_size(tmp_path):
     image, label = tiny_volume()
     out = plot_overlay(image, label, [label, label], output=tmp_path / "o.png", slices=[4, 8, 10], axis=2)
     rows, cols = 3, 4  # image, reference, two predictions
-    assert png_size(out) == (round(cols * CELL_INCHES * DPI), round((rows * CELL_INCHES + LEGEND_INCHES) * DPI))
+    w, h = figure_size(rows, cols, legend=True, aspect=12 / 16)  # axial panels of a 16 x 12 x 20 volume
+    assert png_size(out) == (round(w * DPI), round(h * DPI))
+    assert panel_aspect((16, 12, 20), 2) == 0.75 and panel_aspect((100, 10, 5), 2) == 0.4
 
 
 def test_overlay_rejects_bad_input(tmp_path):
@@ -97,7 +100,8 @@ def test_policy_png_sizes_and_errors(tmp_path):
                       figsize=(6, 4), dpi=40)
     assert png_size(out) == (240, 160)
     out = plot_policy(image, depth, 8, None, output=tmp_path / "p2.png", slices=[3, 12])
-    assert png_size(out) == (round(2 * CELL_INCHES * DPI), round((2 * CELL_INCHES + LEGEND_INCHES) * DPI))
+    w, h = figure_size(2, 2, legend=True)
+    assert png_size(out) == (round(w * DPI), round(h * DPI))
     dense = plot_policy(image, np.full(8, 3), 8, output=tmp_path / "dense.png", num_layers=3)  # nothing pruned
     assert png_size(dense)[0] > 0
     with pytest.raises(ValueError, match="tokens"):
@@ -127,6 +131,25 @@ def test_policy_map_pads_odd_sizes_and_ratio_zero_keeps_everything():
     assert np.all(depth == model.num_layers)
 
 
+def _write_log(run: Path, rows: list[list], dice: bool) -> None:
+    run.mkdir(parents=True)
+    with (run / "log.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "iteration", "train_loss", "lr"] + (["mean_dice", "dice_shell"] if dice else []))
+        w.writerows(rows)
+
+
+def test_curves_of_several_runs_with_and_without_validation(tmp_path):
+    _write_log(tmp_path / "a", [[1, 10, 1.2, 1e-3, "", ""], [2, 20, 0.8, 5e-4, 0.5, 0.4]], dice=True)
+    _write_log(tmp_path / "b", [[1, 10, 1.5, 1e-3], [2, 20, 0.9, 0.0]], dice=False)
+    out = plot_curves([tmp_path / "a", tmp_path / "b"], tmp_path / "c.png", labels=["A", "B"], figsize=(6, 2),
+                      dpi=50)
+    assert png_size(out) == (300, 100)
+    assert png_size(plot_curves(tmp_path / "b")) == (1200, 360)  # default: RUN_DIR/curves.png
+    with pytest.raises(InputError, match="log"):
+        plot_curves(tmp_path / "missing", tmp_path / "d.png")
+
+
 def _nifti(array: np.ndarray, path: Path) -> Path:
     nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
     return path
@@ -149,11 +172,7 @@ def test_cli_overlay_policy_and_curves(tmp_path, capsys):
     assert png_size(tmp_path / "policy.png")[0] == round(3 * CELL_INCHES * DPI)
 
     run = tmp_path / "run"
-    run.mkdir()
-    with (run / "log.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "iteration", "train_loss", "lr", "mean_dice", "dice_shell"])
-        w.writerows([[1, 10, 1.2, 1e-3, "", ""], [2, 20, 0.8, 5e-4, 0.5, 0.4], [3, 30, 0.6, 0.0, 0.7, 0.6]])
+    _write_log(run, [[1, 10, 1.2, 1e-3, "", ""], [2, 20, 0.8, 5e-4, 0.5, 0.4], [3, 30, 0.6, 0.0, 0.7, 0.6]], True)
     assert main(["visualize", "curves", "--run", str(run), "--output", str(tmp_path / "curves.png")]) == 0
     assert png_size(tmp_path / "curves.png") == (1200, 360)
     assert "wrote" in capsys.readouterr().out

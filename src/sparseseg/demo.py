@@ -81,7 +81,7 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             dense_args={"skip_layers": [2, 4, 5]},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [2, 4, 5], "completion_size": 192,
                          "completion_heads": 6},
-            train={**train, "epochs": 100_000, "iters_per_epoch": 20})
+            train={**train, "epochs": 100_000, "iters_per_epoch": 10})
         minutes = 7.0 if minutes is None else minutes
     if minutes is not None:
         if minutes <= 0:
@@ -125,7 +125,7 @@ def train_concurrently(data: Path, out: Path, s: DemoSettings) -> dict[str, Path
                  f", {budget:.0f} s each" if budget else "")
         start = time.perf_counter()
         with tqdm(total=int(budget) if budget else None, desc="training", unit="s", leave=False,
-                  disable=not budget) as bar:
+                  disable=None if budget else True) as bar:  # None: no bar when stderr is not a terminal
             while any(p.poll() is None for p, _ in procs.values()):
                 time.sleep(1.0)
                 if budget:

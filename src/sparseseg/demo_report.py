@@ -85,9 +85,11 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
     plabel = np.pad(label, [(0, 0), (pad, 0), (0, 0)], mode="edge")  # on the padded grid (label of the copies)
     pics["policy"] = plot_policy(pimg, depth, p, plabel, output=out / "policy.png", num_layers=model.num_layers,
                                  depths=levels, class_names=CLASS_NAMES, slices=[pad + i for i in slices],
-                                 axis=AP_AXIS)
+                                 axis=AP_AXIS, title=f"STP + MTA + UNETR, test block with {pad} replicated slices "
+                                                     f"in front: coronal slice = block slice + {pad}")
     pics["policy_axial"] = plot_policy(pimg, depth, p, plabel, output=out / "policy_axial.png",
-                                       num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2)
+                                       num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2,
+                                       title=f"axial slices; the bottom {pad} rows replicate the cut face")
     pics["policy_stats"] = policy_summary(depth, plabel, p, model.num_layers)
     pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
                                  labels=[LABELS[n] for n in checkpoints])

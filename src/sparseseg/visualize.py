@@ -26,6 +26,7 @@ from sparseseg.errors import InputError
 
 CELL_INCHES = 2.4  # side of one slice panel
 LEGEND_INCHES = 0.6  # strip under the panels for the legend
+TITLE_INCHES = 0.75  # strip above the panels for the title (two lines) and the column titles
 DPI = 100
 # Distinct colours for classes 1, 2, 3, ... (class 0, the background, is left transparent).
 CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -84,12 +85,25 @@ def _save(fig: Figure, output: str | Path, dpi: int) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
-def _grid_figure(rows: int, cols: int, legend: bool, figsize: tuple[float, float] | None):
-    size = figsize or (cols * CELL_INCHES, rows * CELL_INCHES + (LEGEND_INCHES if legend else 0.0))
+def panel_aspect(shape: Sequence[int], axis: int) -> float:
+    """Height / width of a slice panel along ``axis`` of a volume ``shape``, bounded to [0.4, 1.6]."""
+    width, height = (int(s) for i, s in enumerate(shape) if i != axis)
+    return float(np.clip(height / width, 0.4, 1.6))
+
+
+def figure_size(rows: int, cols: int, legend: bool, aspect: float = 1.0) -> tuple[float, float]:
+    """Inches of a grid of slice panels: ``CELL_INCHES`` wide, ``CELL_INCHES * aspect`` high, plus the title and
+    legend strips."""
+    return cols * CELL_INCHES, rows * CELL_INCHES * aspect + TITLE_INCHES + (LEGEND_INCHES if legend else 0.0)
+
+
+def _grid_figure(rows: int, cols: int, legend: bool, figsize: tuple[float, float] | None, aspect: float = 1.0):
+    size = figsize or figure_size(rows, cols, legend, aspect)
     fig = Figure(figsize=size)
-    bottom = (LEGEND_INCHES / size[1]) if legend and figsize is None else (0.08 if legend else 0.02)
+    bottom = ((LEGEND_INCHES if legend else 0.05) / size[1]) if figsize is None else (0.08 if legend else 0.02)
+    top = 1.0 - TITLE_INCHES / size[1] if figsize is None else 0.9
     axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw={"left": 0.01, "right": 0.99, "top": 0.93, "bottom": bottom,
+                        gridspec_kw={"left": 0.04, "right": 0.99, "top": top, "bottom": bottom,
                                      "wspace": 0.04, "hspace": 0.12})
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -135,7 +149,8 @@ def plot_overlay(image: np.ndarray, label: np.ndarray | None,
         num_classes = max(num_classes, len(class_names))
     cmap = _label_cmap(num_classes)
     idx = list(slices) if slices is not None else pick_slices(maps.get("reference", img), axis, num_slices)
-    fig, axes = _grid_figure(len(idx), 1 + len(maps), legend=num_classes > 1, figsize=figsize)
+    fig, axes = _grid_figure(len(idx), 1 + len(maps), legend=num_classes > 1, figsize=figsize,
+                             aspect=panel_aspect(img.shape, axis))
     lo, hi = _window(img)
     for r, s in enumerate(idx):
         if not 0 <= s < img.shape[axis]:
@@ -153,7 +168,7 @@ def plot_overlay(image: np.ndarray, label: np.ndarray | None,
         names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         handles = [Patch(color=cmap(i), label=names[i] if i < len(names) else str(i)) for i in range(1, num_classes)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(title or f"axis {axis} slices", fontsize=10)
+    fig.suptitle(title or f"axis {axis} slices", fontsize=9, y=1 - 0.05 / fig.get_figheight(), va="top")
     return _save(fig, output, dpi)
 
 
@@ -215,7 +230,7 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
         raise ValueError(f"label shape {lab.shape} differs from the image shape {img.shape}")
     idx = list(slices) if slices is not None else pick_slices(lab if lab is not None else img, axis, num_slices)
     cols = 3 if lab is not None else 2
-    fig, axes = _grid_figure(len(idx), cols, legend=True, figsize=figsize)
+    fig, axes = _grid_figure(len(idx), cols, legend=True, figsize=figsize, aspect=panel_aspect(img.shape, axis))
     lo, hi = _window(img)
     num_classes = int(lab.max()) + 1 if lab is not None else 0
     if class_names is not None:
@@ -244,7 +259,9 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
                for i, d in enumerate(levels)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     kept = float(np.mean(pol >= top))
-    fig.suptitle(title or f"pruning policy: {100 * kept:.0f}% of tokens kept to the end", fontsize=10)
+    summary = f"pruning policy: {100 * kept:.0f}% of the tokens kept to the last block"
+    fig.suptitle(f"{title}\n{summary}" if title else summary, fontsize=9, y=1 - 0.05 / fig.get_figheight(),
+                 va="top")
     return _save(fig, output, dpi)
 
 
