@@ -81,7 +81,7 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             dense_args={"skip_layers": [2, 4, 5]},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [2, 4, 5], "completion_size": 192,
                          "completion_heads": 6},
-            train={**train, "epochs": 100_000, "iters_per_epoch": 10})
+            train={**train, "epochs": 100_000, "iters_per_epoch": 20})
         minutes = 7.0 if minutes is None else minutes
     if minutes is not None:
         if minutes <= 0:
@@ -261,6 +261,9 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
         raise InputError("the demo output must be a folder", out)
     if not 0.0 <= prune_ratio < 1.0:
         raise InputError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
+    from sparseseg.config import resolve_device
+
+    resolve_device(device)  # an unavailable device fails here, before any training starts
     s = demo_settings(quick, minutes, prune_ratio, seed, device)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
