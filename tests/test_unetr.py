@@ -52,13 +52,12 @@ def test_forward_contract(name, decoder, patch, img):
     model = create_model(name, in_channels=2, out_channels=3, img_size=img, patch_size=patch, decoder=decoder,
                          **TINY_VIT, **extra)
     size = (img,) * 3 if isinstance(img, int) else img
-    for b in (1, 2):
-        x = torch.randn(b, 2, *size)
-        logits = model.eval()(x)
-        assert isinstance(logits, torch.Tensor) and logits.shape == (b, 3, *size)
-        out = model.train()(x, target=torch.zeros(b, 1, *size, dtype=torch.long))
-        assert isinstance(out, SegmentationOutput) and out.logits.shape == (b, 3, *size)
-        assert torch.isfinite(out.logits).all()
+    with torch.inference_mode():
+        logits = model.eval()(torch.randn(1, 2, *size))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 3, *size)
+    out = model.train()(torch.randn(2, 2, *size), target=torch.zeros(2, 1, *size, dtype=torch.long))
+    assert isinstance(out, SegmentationOutput) and out.logits.shape == (2, 3, *size)
+    assert torch.isfinite(out.logits).all()
 
 
 def test_dense_policy_keeps_everything_and_encoder_outputs():
