@@ -25,6 +25,7 @@ from sparseseg.demo_data import (
     replicate_pad,
     split_anterior,
 )
+from sparseseg.demo_report import policy_summary
 
 
 @pytest.fixture
@@ -88,6 +89,16 @@ def test_thresholds_recover_ordered_classes():
     t = fit_thresholds(image.astype(np.float32), label)
     assert t == sorted(t)
     assert np.mean(apply_thresholds(image, t) == label) > 0.99
+
+
+def test_policy_summary_counts_brain_patches_per_depth():
+    depth = np.array([2, 4, 6, 6, 2, 2, 5, 2]).reshape(2, 2, 2)  # stages after blocks 2, 4, 5; 6 blocks
+    label = np.zeros((16, 16, 15), np.uint8)  # the last patch column is cut short: padded as background
+    label[:8, :8, 8:] = 1  # token (0, 0, 1): depth 4
+    label[8:, 8:, 8:] = 3  # token (1, 1, 1): depth 2
+    s = policy_summary(depth, label, 8, [2, 4, 5, 6])
+    assert s["tokens"] == 8 and s["brain_share_all"] == 0.25 and s["kept_share"] == 0.25
+    assert s["brain_share_passed"] == 0.25 and s["brain_share_kept"] == 0.0
 
 
 def test_settings_follow_the_flags():

@@ -44,18 +44,22 @@ def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, top: int) -> dict[str, float]:
-    """Share of brain patches (at least half of their voxels inside the brain) among all tokens and among the
-    tokens kept to the last block; ``label`` ``[X, Y, Z]`` is cut to whole patches."""
+def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, levels: list[int]) -> dict[str, float]:
+    """Share of brain patches (at least half of their voxels inside the brain) among all tokens, among the tokens
+    that pass the first pruning stage and among those kept to the last block (``levels``: the possible depths);
+    ``label`` ``[X, Y, Z]`` is cut to whole patches."""
     g = depth.shape
     lab = label[: g[0] * patch_size, : g[1] * patch_size, : g[2] * patch_size] > 0
     lab = np.pad(lab, [(0, g[i] * patch_size - lab.shape[i]) for i in range(3)])
     frac = lab.reshape(g[0], patch_size, g[1], patch_size, g[2], patch_size).mean((1, 3, 5))  # -> [gx, gy, gz]
     brain = frac >= 0.5
-    kept = depth >= top
-    return {"tokens": int(depth.size), "brain_share_all": float(brain.mean()),
-            "kept_share": float(kept.mean()),
-            "brain_share_kept": float(brain[kept].mean()) if kept.any() else float("nan")}
+    kept, passed = depth >= levels[-1], depth > levels[0]
+
+    def share(mask: np.ndarray) -> float:
+        return float(brain[mask].mean()) if mask.any() else float("nan")
+
+    return {"tokens": int(depth.size), "brain_share_all": float(brain.mean()), "kept_share": float(kept.mean()),
+            "brain_share_passed": share(passed), "brain_share_kept": share(kept)}
 
 
 def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padded: Path, pad: int, s
@@ -90,7 +94,7 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
     pics["policy_axial"] = plot_policy(pimg, depth, p, plabel, output=out / "policy_axial.png",
                                        num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2,
                                        title=f"axial slices; the bottom {pad} rows replicate the cut face")
-    pics["policy_stats"] = policy_summary(depth, plabel, p, model.num_layers)
+    pics["policy_stats"] = policy_summary(depth, plabel, p, levels)
     pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
                                  labels=[LABELS[n] for n in checkpoints])
     return pics
@@ -166,7 +170,8 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
         "",
         "Pruning policy of STP + MTA + UNETR over the padded test block (no red: dropped by the first stage; "
         "darkest red: kept to the last block). "
-        f"Brain patches are {ps['brain_share_all']:.0%} of the {ps['tokens']} tokens and "
+        f"Brain patches (at least half inside the brain mask) are {ps['brain_share_all']:.0%} of the "
+        f"{ps['tokens']} tokens, {_fmt(ps['brain_share_passed'] * 100, 0)}% of those that pass the first stage and "
         f"{_fmt(ps['brain_share_kept'] * 100, 0)}% of those kept to the last block"
         + (" (the scorer keeps background tokens more often than brain ones)."
            if ps["brain_share_kept"] < ps["brain_share_all"] else
