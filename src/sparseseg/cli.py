@@ -33,6 +33,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_benchmark(sub)
     _add_visualize(sub)
     _add_demo(sub)
+    _add_export(sub)
     return parser
 
 
@@ -109,13 +110,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+    p.add_argument("--stitch-device", default="auto",
+                   help="where each whole volume is stitched (MONAI's device; --device is its sw_device): auto "
+                        "(--device, or cpu for volumes too large for the GPU), cpu, cuda")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference import predict
 
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
-                          save_probabilities=args.save_probabilities)
+                          save_probabilities=args.save_probabilities, stitch_device=args.stitch_device)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -259,9 +263,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "predicts a held-out anterior block, times CPU inference and writes "
                                    "OUTPUT/report.md; see docs/demo.md.")
     p.add_argument("--output", default="sparseseg_demo", help="output folder (default ./sparseseg_demo)")
-    p.add_argument("--quick", action="store_true", help="a seconds-long run on a 4 mm template with tiny models")
+    p.add_argument("--quick", action="store_true",
+                   help="a short check (under a minute on 2 quiet cores): 4 mm template, tiny models, 3 steps")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time per model in minutes (both train at once; default 7, quick 0.1)")
+                   help="training time per model in minutes (both train at once; default 7; --quick: 3 steps)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--prune-ratio", type=float, default=0.75, help="pruning ratio of stp_mta_unetr (default 0.75)")
     p.add_argument("--seed", type=int, default=0)
@@ -272,6 +277,24 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
                           prune_ratio=args.prune_ratio, seed=args.seed)
         sys.stdout.write(f"wrote {report}\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's network to ONNX or TorchScript",
+                       description="Export the network of a checkpoint in inference mode (one ROI window in, "
+                                   "logits out, dynamic batch); see docs/pipeline.md.")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt of `sparseseg train`")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--output", required=True, help="file to write (.onnx or .pt)")
+    p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio to export")
+
+    def run(args: argparse.Namespace) -> int:
+        from sparseseg.export import export
+
+        sys.stdout.write(f"wrote {export(args.checkpoint, args.output, args.format, args.prune_ratio)}\n")
         return 0
 
     p.set_defaults(func=run)
