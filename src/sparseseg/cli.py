@@ -264,7 +264,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "OUTPUT/report.md; see docs/demo.md.")
     p.add_argument("--output", default="sparseseg_demo", help="output folder (default ./sparseseg_demo)")
     p.add_argument("--quick", action="store_true",
-                   help="a short check (under a minute on 2 quiet cores): 4 mm template, tiny models, 3 steps")
+                   help="a short end-to-end check: 4 mm template, tiny models, 3 training steps")
     p.add_argument("--minutes", type=float, default=None,
                    help="training time per model in minutes (both train at once; default 7; --quick: 3 steps)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
