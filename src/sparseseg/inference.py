@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from sparseseg.config import resolve_device
-from sparseseg.data.io import is_nifti, read_header_shape, save_nifti, strip_nifti_ending
+from sparseseg.data.io import check_writable, is_nifti, read_header_shape, save_nifti, strip_nifti_ending
 from sparseseg.data.transforms import (
     DataConfig,
     build_transforms,
@@ -54,11 +54,14 @@ def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | N
                          source)
 
 
-def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int) -> dict[str, list[Path]]:
+def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int,
+                  failures: list[InputError] | None = None) -> dict[str, list[Path]]:
     """Group input NIfTI files (files and/or folders) into cases ``{name: [channel files]}``.
 
     ``CASE_0000.nii.gz ... CASE_{C-1:04d}.nii.gz`` form one case ``CASE``; any other file is one case (a 4-D file
     holds all channels). The channel count of every case is checked against ``in_channels`` from the headers.
+    With a ``failures`` list, a case whose header is unreadable or wrong is appended there and left out instead
+    of raising (problems of the inputs as a whole, such as a missing folder, still raise).
     """
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     files: list[Path] = []
@@ -90,12 +93,22 @@ def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int) -
             name = strip_nifti_ending(paths[0].name)
         elif sorted(chans) != list(range(len(chans))):
             raise InputError(f"case {name!r}: channel files must be numbered _0000, _0001, ...", paths[0])
-        shapes = [read_header_shape(p) for p in paths]
-        count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
-        if count != in_channels:
-            raise InputError(f"case {name!r} has {count} channel(s), the checkpoint expects {in_channels}", paths[0])
+        try:
+            _check_channels(name, paths, in_channels)
+        except InputError as err:
+            if failures is None:
+                raise
+            failures.append(err)
+            continue
         cases[name] = paths
     return cases
+
+
+def _check_channels(name: str, paths: list[Path], in_channels: int) -> None:
+    shapes = [read_header_shape(p) for p in paths]
+    count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
+    if count != in_channels:
+        raise InputError(f"case {name!r} has {count} channel(s), the checkpoint expects {in_channels}", paths[0])
 
 
 def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
@@ -109,21 +122,47 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
 
 
 def _case_probabilities(model: nn.Module, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
-                        overlap: float, sw_batch_size: int) -> torch.Tensor:
-    """Probabilities ``[K, X, Y, Z]`` on the grid of the case's input file."""
+                        overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
+    """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
     with unwrap_input_errors():
         d = pipeline({"image": [str(p) for p in case]})
-    image = d["image"]
-    logits = sliding_window_logits(model, image.as_tensor()[None].to(device), data_cfg.roi_size, sw_batch_size,
-                                   overlap)  # [1, C, d, h, w] -> [1, K, d, h, w]
+    image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
+    stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
+    image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
+    logits = sliding_window_logits(model, image, data_cfg.roi_size, sw_batch_size, overlap, sw_device=device,
+                                   device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
     probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
-    return invert_to_input(probs, image, pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+    del logits
+    return invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+
+
+# Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
+GPU_STITCH_LIMIT_BYTES = 2 * 2**30
+
+
+def _stitch_device(choice: str, device: torch.device, out_channels: int, spatial: Sequence[int]) -> torch.device:
+    """Where the whole-volume output of the sliding window is accumulated (MONAI's ``device`` argument):
+    ``auto`` keeps it on ``device`` unless that is a GPU and the buffers would pass ``GPU_STITCH_LIMIT_BYTES``."""
+    if choice != "auto":
+        return resolve_device(choice)
+    if device.type == "cpu":
+        return device
+    voxels = int(np.prod([int(s) for s in spatial]))
+    return device if (out_channels + 1) * voxels * 4 <= GPU_STITCH_LIMIT_BYTES else torch.device("cpu")
+
+
+def _failure_report(failures: list[InputError], written: int) -> InputError:
+    """One error for all the cases that could not be segmented (the original one when there is only one)."""
+    if len(failures) == 1 and written == 0:
+        return failures[0]
+    shown = "; ".join(str(e) for e in failures[:5]) + ("; ..." if len(failures) > 5 else "")
+    return InputError(f"{len(failures)} case(s) failed, {written} written: {shown}")
 
 
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False) -> list[Path]:
+            save_probabilities: bool = False, stitch_device: str = "auto") -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
 
     Args:
@@ -133,12 +172,18 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
         overlap: sliding-window overlap in [0, 1).
         sw_batch_size: windows per forward pass.
-        device: ``auto``, ``cpu``, ``cuda``, ...
+        device: where the model and its windows run (MONAI's ``sw_device``): ``auto``, ``cpu``, ``cuda``, ...
         save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32).
+        stitch_device: where each whole volume is stitched (MONAI's ``device``): ``auto`` (``device``, or the
+            CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
         (regions are painted back into label values, e.g. BraTS TC/WT/ET -> MSD labels 1/2/3).
+
+    Raises:
+        InputError: bad arguments, checkpoint or output folder (before anything is written); or, after every
+            other case was written, the case(s) whose file is broken (one error naming them all).
     """
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
@@ -146,10 +191,16 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
-    cases = collect_cases(inputs, data_cfg.in_channels)
+    failures: list[InputError] = []
+    cases = collect_cases(inputs, data_cfg.in_channels, failures)
+    if not cases:
+        raise _failure_report(failures, 0)
     output_dir = Path(output_dir)
     _check_output(output_dir, inputs, cases)
+    check_writable(output_dir)
     dev = resolve_device(device)
+    if stitch_device != "auto":
+        resolve_device(stitch_device)
     model = model_from_checkpoint(ckpt, checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
@@ -157,20 +208,33 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     pipeline = build_transforms(data_cfg, "infer")
     written = []
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
-        paths = cases[name]
-        probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size)
-        ref = nib.load(str(paths[0]))
-        expected = tuple(ref.shape[:3])
-        if tuple(probs.shape[1:]) != expected:
-            raise RuntimeError(f"prediction grid {tuple(probs.shape[1:])} differs from the input grid {expected}")
-        if data_cfg.regions:
-            labels = regions_to_labels(probs > 0.5, data_cfg.regions)
-        else:
-            labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
-        out = save_nifti(labels.numpy(), output_dir / f"{name}.nii.gz", ref.affine, ref.header, np.uint8)
-        written.append(out)
-        if save_probabilities:
-            arr = probs.permute(1, 2, 3, 0).numpy()  # [K, X, Y, Z] -> [X, Y, Z, K]
-            save_nifti(arr, output_dir / f"{name}_probabilities.nii.gz", ref.affine, ref.header, np.float32)
-        log.info("%s -> %s", paths[0].name, out)
+        try:
+            written += _predict_case(model, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
+                                     sw_batch_size, save_probabilities, stitch_device)
+        except InputError as err:  # a broken file: go on with the other cases, report it at the end
+            log.debug("skipping case %s: %s", name, err)
+            failures.append(err)
+    if failures:
+        raise _failure_report(failures, len(written))
     return written
+
+
+def _predict_case(model: nn.Module, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
+                  output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
+                  stitch_device: str) -> list[Path]:
+    """Segment one case and write ``CASE.nii.gz`` (and its probabilities); returns ``[label file]``."""
+    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
+    ref = nib.load(str(paths[0]))
+    expected = tuple(ref.shape[:3])
+    if tuple(probs.shape[1:]) != expected:
+        raise RuntimeError(f"prediction grid {tuple(probs.shape[1:])} differs from the input grid {expected}")
+    if data_cfg.regions:
+        labels = regions_to_labels(probs > 0.5, data_cfg.regions)
+    else:
+        labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
+    out = save_nifti(labels.numpy(), output_dir / f"{name}.nii.gz", ref.affine, ref.header, np.uint8)
+    if save_probabilities:
+        arr = probs.permute(1, 2, 3, 0).numpy()  # [K, X, Y, Z] -> [X, Y, Z, K]
+        save_nifti(arr, output_dir / f"{name}_probabilities.nii.gz", ref.affine, ref.header, np.float32)
+    log.info("%s -> %s", paths[0].name, out)
+    return [out]

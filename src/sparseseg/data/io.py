@@ -68,12 +68,29 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
     try:
         img = nib.load(str(path))
+        _check_geometry(img, path)
         data = np.asarray(img.dataobj)
+    except InputError:
+        raise
     except Exception as err:  # nibabel raises many types for truncated or corrupt files
         raise InputError(f"cannot read NIfTI ({_one_line(err)})", path) from err
-    if data.ndim < 3:
+    if data.ndim not in (3, 4):
         raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", path)
     return data, img
+
+
+def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse a header whose dimensions or voxel spacing cannot describe a 3-D volume (before reading voxels)."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) not in (3, 4):
+        raise InputError(f"expected a 3-D or 4-D volume, got {len(shape)}-D shape {shape}", path)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if not np.isfinite(zooms).all() or (zooms <= 0).any():
+        raise InputError(f"invalid voxel spacing {tuple(float(z) for z in zooms)} in the header (must be finite "
+                         "and > 0)", path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError("invalid affine in the header (non-finite or singular)", path)
 
 
 def read_header_shape(path: str | Path) -> tuple[int, ...]:
@@ -81,16 +98,29 @@ def read_header_shape(path: str | Path) -> tuple[int, ...]:
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
+    if not is_nifti(path):
+        raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
     try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
     except Exception as err:
         raise InputError(f"cannot read NIfTI header ({_one_line(err)})", path) from err
+    _check_geometry(img, path)
+    return tuple(int(s) for s in img.shape)
+
+
+# Integers above 2^24 are no longer exact in float32, and no scanner writes them: such a file is mis-typed or corrupt.
+MAX_INTEGER_INTENSITY = 2**24
 
 
 def _check_finite(data: np.ndarray, path: Path) -> None:
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"contains {bad} NaN/Inf voxel(s)", path)
+    if np.issubdtype(data.dtype, np.integer) and data.size:
+        peak = max(abs(int(data.min())), abs(int(data.max())))
+        if peak > MAX_INTEGER_INTENSITY:
+            raise InputError(f"integer intensities up to {peak} exceed 2^24 (not exact in float32; a mis-typed or "
+                             "corrupt image?)", path)
 
 
 def load_image(paths: Sequence[str | Path]) -> Volume:
@@ -153,19 +183,53 @@ def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
 
 
 def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
+
+    A process killed at any moment leaves either the previous ``path`` or the new one, never a partial file (at
+    worst a hidden ``.NAME.XXXX`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
+    written raises :class:`InputError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:
+        raise InputError(f"cannot write here ({_one_line(err)})", path) from err
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:
+    """Delete the temporaries that a killed :func:`atomic_write` of ``folder/NAME`` left behind."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*"):
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: str | Path) -> None:
+    """Raise :class:`InputError` unless ``folder`` (existing or not yet created) can receive files; leaves nothing
+    behind. A probe file is used because permission bits say nothing when running as root."""
+    folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise InputError(f"cannot create an output folder: {probe_dir} is a file", folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".sparseseg-probe.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise InputError(f"output folder is not writable ({_one_line(err)})", folder) from err
 
 
 def save_nifti(array: np.ndarray, path: str | Path, affine: np.ndarray,
