@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from conftest import write_nnunet_dataset
 from sparseseg.config import TrainConfig, build_config, parse_model_args
+from sparseseg.data.transforms import DataConfig
 from sparseseg.errors import InputError
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import create_model
@@ -20,6 +21,7 @@ from sparseseg.training import trainer as trainer_mod
 from sparseseg.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer, layer_ids, param_groups
+from sparseseg.training.validation import validate
 
 
 class TinyViT(nn.Module):
@@ -207,21 +209,81 @@ DDP_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import conftest  # registers tiny_seg
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from sparseseg.config import TrainConfig
 from sparseseg.training import train
-train(TrainConfig(dataset={dataset!r}, model="tiny_seg", output={output!r}, roi_size=[16, 16, 16], epochs=2,
-                  iters_per_epoch=2, batch_size=1, lr=3e-3, model_args={{"feature_size": 4}}, time_budget=600))
+
+
+def first_step(optimizer, args, kwargs):  # the DDP-averaged gradients and the weights before the first step
+    if not getattr(first_step, "done", False):
+        first_step.done = True
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.save({{"params": [p.detach().clone() for p in params], "grads": [p.grad.clone() for p in params]}},
+                   {grads!r} + f"/rank{{dist.get_rank()}}.pt")
+
+
+register_optimizer_step_pre_hook(first_step)
+train(TrainConfig(**{config!r}))
 """
+
+
+def _union_gradients(cfg: TrainConfig, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of one process on rank 0's and rank 1's first batches put together, from the same weights."""
+    ds = trainer_mod.load_dataset(cfg.dataset)
+    train_cases, val_cases = trainer_mod.split_cases(ds, cfg.fold, cfg.num_folds, cfg.seed)
+    data_cfg = trainer_mod.build_data_config(cfg, ds)
+    model = trainer_mod.build_model(cfg, data_cfg)
+    optimizer = build_optimizer(model, 1e-3)  # only for its parameter order, the one the hook saw
+    mine = [p for g in optimizer.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p, saved in zip(mine, params, strict=True):
+            p.copy_(saved)
+    train_ds, _ = trainer_mod._loaders(cfg, data_cfg, train_cases, [])
+    batches = [next(iter(trainer_mod._epoch_loader(train_ds, cfg, cfg.iters_per_epoch, 1, rank))) for rank in (0, 1)]
+    x = torch.cat([b["image"].as_tensor() for b in batches])  # [1 + 1, C, D, H, W]
+    y = torch.cat([b["label"].as_tensor() for b in batches])
+    model.train()
+    loss, _ = SegmentationLoss()(model(x, target=y.long()), y)
+    loss.backward()
+    return [p.grad for p in mine]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, msd_dataset):
+    """2 Gloo processes: one checkpoint set, first-step gradients of the union batch, Dice of all validation cases."""
+    config = {"dataset": str(msd_dataset), "model": "tiny_seg", "output": str(tmp_path / "run"),
+              "roi_size": [16, 16, 16], "epochs": 2, "iters_per_epoch": 2, "batch_size": 1, "lr": 3e-3,
+              "num_folds": 2, "model_args": {"feature_size": 4}, "time_budget": 600, "tensorboard": False}
+    (tmp_path / "grads").mkdir()
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), dataset=str(msd_dataset),
-                                        output=str(tmp_path / "run")))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), grads=str(tmp_path / "grads"),
+                                        config=config))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.json", "last.pt", "log.csv"]
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 4 and len(ckpt["history"]) == 2
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == pytest.approx(6e-3)
+    assert len(ckpt["rng_per_rank"]) == 2 and not torch.equal(ckpt["rng_per_rank"][0]["torch"],
+                                                               ckpt["rng_per_rank"][1]["torch"])
+    assert ckpt["sampler"] == {"kind": "seeded-per-epoch", "seed": 0, "epoch": 2, "world_size": 2}
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["learning_rate"] == pytest.approx(6e-3) and len(meta["val_cases"]) == 2
+
+    ranks = [torch.load(tmp_path / "grads" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    cfg = TrainConfig(**config)
+    expected = _union_gradients(cfg, ranks[0]["params"])
+    for g0, g1, ref in zip(ranks[0]["grads"], ranks[1]["grads"], expected, strict=True):
+        assert torch.equal(g0, g1)  # DDP averaged them
+        torch.testing.assert_close(g0, ref, rtol=1e-4, atol=1e-6)
+
+    # The logged Dice covers both validation cases although each process scored only one of them.
+    ds = trainer_mod.load_dataset(cfg.dataset)
+    _, val_cases = trainer_mod.split_cases(ds, cfg.fold, cfg.num_folds, cfg.seed)
+    data_cfg = DataConfig.from_dict(ckpt["data"])
+    _, val_ds = trainer_mod._loaders(cfg, data_cfg, val_cases, val_cases)
+    model = model_from_checkpoint(ckpt)
+    full = validate(model, trainer_mod.DataLoader(val_ds, batch_size=1), data_cfg, torch.device("cpu"))
+    assert ckpt["history"][-1]["mean_dice"] == pytest.approx(full["mean_dice"], abs=1e-6)

@@ -2,14 +2,16 @@
 
 ``torchrun --nproc_per_node N -m sparseseg train ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; each process
 then trains on its own crops (batch ``batch_size`` per process, so the learning rate scales with
-``batch_size * N / 256``), process 0 validates and writes logs and checkpoints. Without those variables training
-runs in one process and nothing here does anything.
+``batch_size * N / 256``); every process validates its share of the validation cases and the Dice sums are
+all-reduced, so every process sees the same metrics; process 0 writes logs and checkpoints, which hold the random
+state of every process. Without those variables training runs in one process and nothing here does anything.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,24 @@ def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all processes (``t`` itself in one process), on ``t``'s device."""
+    if not info.enabled:
+        return t
+    out = t.to(device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def all_gather(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of process 0, obj of process 1, ...]`` on every process (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -4,9 +4,9 @@ Per epoch: ``iters_per_epoch`` steps on random ROI crops (seeded per epoch, so a
 crops), a per-epoch log line, a row in ``RUN_DIR/log.csv`` (and TensorBoard when installed), sliding-window
 validation every ``val_every`` epochs and at the end, then ``last.pt`` (and ``best.pt`` on a new best mean
 Dice), each written atomically. ``resume=True`` restores model, optimizer, schedule, scaler, RNG states and
-history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device, one
-process). Under ``torchrun`` every process trains (DDP) and process 0 validates and writes
-(:mod:`sparseseg.training.distributed`).
+history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device, same
+number of processes). Under ``torchrun`` every process trains (DDP) and validates a shard of the validation cases
+(Dice sums all-reduced); process 0 writes (:mod:`sparseseg.training.distributed`).
 """
 
 from __future__ import annotations
@@ -24,22 +24,32 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, Subset
 from tqdm import tqdm
 
 from sparseseg.config import TrainConfig
 from sparseseg.data.datasets import Case, load_dataset, split_cases
-from sparseseg.data.io import atomic_write
+from sparseseg.data.io import atomic_write, check_writable, remove_stale_temporaries
 from sparseseg.data.transforms import build_transforms, unwrap_input_errors
 from sparseseg.errors import InputError
 from sparseseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from sparseseg.training.distributed import DistInfo, any_process, barrier, cleanup, init_distributed, wrap_model
+from sparseseg.training.distributed import (
+    DistInfo,
+    all_gather,
+    all_reduce_sum,
+    any_process,
+    barrier,
+    cleanup,
+    init_distributed,
+    wrap_model,
+)
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer
 from sparseseg.training.setup import build_data_config, build_model
 from sparseseg.training.validation import validate
 
 log = logging.getLogger(__name__)
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "config.json")
 
 
 def seed_everything(seed: int) -> None:
@@ -125,6 +135,8 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     run_dir = Path(config.output)
+    if info.is_main:
+        check_writable(run_dir)  # before minutes of reading data
     seed_everything(config.seed + info.rank)
     ds = load_dataset(config.dataset)
     train_cases, val_cases = split_cases(ds, config.fold, config.num_folds, config.seed)
@@ -142,22 +154,26 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid)
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "elapsed": 0.0, "history": []}
     if config.resume:
-        state = _resume(run_dir / "last.pt", model, optimizer, scheduler, scaler, config)
+        state = _resume(run_dir / "last.pt", model, optimizer, scheduler, scaler, config, info)
         scheduler.total_iters = config.epochs * iters
     net = wrap_model(model, info, device)
-    if not info.is_main:
-        return _follow(net, model, config, info, device, train_ds, data_cfg, loss_fn, optimizer, scheduler, scaler,
-                       iters, state)
+    # Each process validates every world_size-th case; the Dice sums are added up across processes.
+    val_loader = None if val_ds is None else DataLoader(Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
+                                                        batch_size=1)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"config": config.to_dict(), "model_name": model.model_name, "model_args": model.model_args,
-            "data": data_cfg.to_dict(), "learning_rate": lr, "iters_per_epoch": iters,
-            "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
-            "num_parameters": sum(p.numel() for p in model.parameters())}
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
-    run_log = _RunLog(run_dir, config.tensorboard)
-    log.info("training %s (%.2f M parameters) on %d cases, validating on %d, %s, lr %.3g",
-             model.model_name, meta["num_parameters"] / 1e6, len(train_cases), len(val_cases), device, lr)
+    run_log = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir, RUN_FILES)  # left by a process killed while writing
+        meta = {"config": config.to_dict(), "model_name": model.model_name, "model_args": model.model_args,
+                "data": data_cfg.to_dict(), "learning_rate": lr, "iters_per_epoch": iters,
+                "world_size": info.world_size, "train_cases": [c.name for c in train_cases],
+                "val_cases": [c.name for c in val_cases], "num_parameters": sum(p.numel() for p in model.parameters())}
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+        run_log = _RunLog(run_dir, config.tensorboard)
+        log.info("training %s (%.2f M parameters) on %d cases, validating on %d, %s x %d, lr %.3g",
+                 model.model_name, meta["num_parameters"] / 1e6, len(train_cases), len(val_cases), device,
+                 info.world_size, lr)
 
     start = time.perf_counter() - state["elapsed"]
     try:
@@ -166,23 +182,29 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
             loader = _epoch_loader(train_ds, config, iters, epoch, info.rank)
             losses, stop = _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config, data_cfg, info,
                                         device, start, f"epoch {epoch}/{config.epochs}")
+            loss_sum = all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64), info, device)
             row: dict[str, Any] = {"epoch": epoch, "iteration": scheduler.iteration,
-                                   "train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[-1]["lr"]}
-            if val_ds is not None and (epoch % config.val_every == 0 or stop or epoch == config.epochs):
-                row.update(validate(model, DataLoader(val_ds, batch_size=1), data_cfg, device, config.overlap,
-                                    config.sw_batch_size))
+                                   "train_loss": float(loss_sum[0] / loss_sum[1]),
+                                   "lr": optimizer.param_groups[-1]["lr"]}
+            if val_loader is not None and (epoch % config.val_every == 0 or stop or epoch == config.epochs):
+                row.update(validate(model, val_loader, data_cfg, device, config.overlap, config.sw_batch_size,
+                                    reduce=lambda t: all_reduce_sum(t, info, device)))
+            rngs = all_gather(rng_state(), info)  # every process resumes with its own random state
             row["epoch_seconds"] = time.perf_counter() - t0
             row["elapsed"] = time.perf_counter() - start
             state["history"].append(row)
-            _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row)
-            run_log.write(state["history"])
-            _log_epoch(row, state, config.epochs)
+            if run_log is not None:
+                _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row, rngs)
+                run_log.write(state["history"])
+                _log_epoch(row, state, config.epochs)
             barrier(info)
             if stop:
-                log.info("time budget of %.0f s spent after %d epoch(s)", config.time_budget, epoch)
+                if info.is_main:
+                    log.info("time budget of %.0f s spent after %d epoch(s)", config.time_budget, epoch)
                 break
     finally:
-        run_log.close()
+        if run_log is not None:
+            run_log.close()
     best = run_dir / "best.pt"
     return best if best.exists() else run_dir / "last.pt"
 
@@ -217,47 +239,45 @@ def _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config: Tra
     return losses, stop
 
 
-def _follow(net, model, config, info, device, train_ds, data_cfg, loss_fn, optimizer, scheduler, scaler, iters,
-            state) -> Path:
-    """The loop of a non-main DDP process: the same steps, no validation, logs or checkpoints."""
-    start = time.perf_counter() - state["elapsed"]
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        loader = _epoch_loader(train_ds, config, iters, epoch, info.rank)
-        _, stop = _train_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, config, data_cfg, info, device,
-                               start, "")
-        barrier(info)
-        if stop:
-            break
-    best = Path(config.output) / "best.pt"
-    return best if best.exists() else Path(config.output) / "last.pt"
-
-
-def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row) -> None:
+def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row, rngs) -> None:
     score = row.get("mean_dice", float("nan"))
     is_best = math.isfinite(score) and score > state["best_metric"]
     if is_best:
         state["best_metric"], state["best_epoch"] = score, row["epoch"]
     state["epoch"], state["elapsed"] = row["epoch"], row["elapsed"]
+    # The sampler is reseeded from (seed, epoch, rank) every epoch, so its whole state is this record.
+    sampler = {"kind": "seeded-per-epoch", "seed": config.seed, "epoch": state["epoch"], "world_size": len(rngs)}
     extra = {"config": config.to_dict(), "epoch": state["epoch"], "iteration": scheduler.iteration,
              "best_metric": state["best_metric"], "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
              "history": state["history"], "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng": rng_state()}
+             "scaler": scaler.state_dict(), "rng": rngs[0], "rng_per_rank": rngs, "sampler": sampler}
     save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
     if is_best:
         save_checkpoint(run_dir / "best.pt", model, data_cfg.to_dict(), **extra)
 
 
-def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig) -> dict[str, Any]:
+def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     if ckpt["model_name"] != model.model_name or ckpt["model_args"] != model.model_args:
         raise InputError(f"cannot resume: the checkpoint holds {ckpt['model_name']} {ckpt['model_args']}, "
                          f"the config builds {model.model_name} {model.model_args}", path)
+    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch"):
+        if key not in ckpt:
+            raise InputError(f"cannot resume: the checkpoint has no training state ({key!r} missing)", path)
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if len(rngs) == info.world_size:
+        set_rng_state(rngs[info.rank])
+    else:  # still correct, but the crops differ from an uninterrupted run with the old process count
+        set_rng_state(rngs[info.rank % len(rngs)])
+        if info.is_main:
+            log.warning("resuming %d-process training with %d process(es): the random crops change",
+                        len(rngs), info.world_size)
+    if info.is_main:
+        log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
     return {"epoch": int(ckpt["epoch"]), "best_metric": float(ckpt["best_metric"]),
             "best_epoch": int(ckpt["best_epoch"]), "elapsed": float(ckpt["elapsed"]),
             "history": list(ckpt["history"])}
