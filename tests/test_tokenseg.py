@@ -105,6 +105,16 @@ def test_forward_backward_finite_and_gradients_reach_every_part():
         assert sum(grads) > 0, part
 
 
+def test_mixed_precision_training_step():
+    model = tiny().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU stand-in for CUDA float16 autocast
+        out = model(torch.randn(1, 2, 32, 32, 32), ball_label(batch=1))
+    loss = out.logits.float().mean() + sum(out.aux_losses.values())
+    loss.backward()
+    assert torch.isfinite(loss) and out.logits.shape == (1, 3, 32, 32, 32)
+    assert model.vq.codebook.grad is not None and model.vq.codebook.dtype == torch.float32
+
+
 def test_vq_straight_through_gradient_reaches_encoder():
     z = torch.randn(2, 5, 8, requires_grad=True)
     vq = VectorQuantizer(num_codes=16, dim=8).eval()

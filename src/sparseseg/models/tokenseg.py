@@ -267,8 +267,9 @@ class TokenSeg(nn.Module):
         here = self.cand_levels[idx] == level  # [B, N]
         slot = torch.where(here, enc.cand_cells.gather(1, idx), 0)  # [B, N]; other levels add zeros at cell 0
         values = self.reproject[level](values) * here[..., None]  # [B, N, C_l]
-        y = y + self.fill[level].view(1, -1, 1, 1, 1)
-        flat = y.flatten(2).scatter_add(2, slot[:, None].expand(-1, y.shape[1], -1), values.transpose(1, 2))
+        y = y + self.fill[level].to(y.dtype).view(1, -1, 1, 1, 1)  # keep the map's dtype under autocast
+        src = values.transpose(1, 2).to(y.dtype)  # [B, N, C_l] -> [B, C_l, N]
+        flat = y.flatten(2).scatter_add(2, slot[:, None].expand(-1, y.shape[1], -1), src)
         return flat.view_as(y)  # [B, C_l, d*h*w] -> [B, C_l, d, h, w]
 
     def _decode(self, x: torch.Tensor, enc: TokenizerOutput) -> torch.Tensor:
