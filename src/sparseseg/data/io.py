@@ -67,8 +67,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     if not is_nifti(path):
         raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
     try:
-        img = nib.load(str(path))
-        _check_geometry(img, path)
+        img = _load(path)
         data = np.asarray(img.dataobj)
     except InputError:
         raise
@@ -77,6 +76,33 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     if data.ndim not in (3, 4):
         raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", path)
     return data, img
+
+
+class _HeaderRepairs(logging.Filter):
+    """Catches (and silences) nibabel's notes that it repaired a header, e.g. a zero pixdim read as 1 mm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` plus the header checks; a header nibabel had to repair is refused, not guessed at."""
+    nib_log = logging.getLogger("nibabel.global")
+    repairs = _HeaderRepairs()
+    nib_log.addFilter(repairs)
+    try:
+        img = nib.load(str(path))
+    finally:
+        nib_log.removeFilter(repairs)
+    if any("pixdim" in m for m in repairs.messages):
+        raise InputError("invalid voxel spacing (zero in the header's pixdim)", path)
+    _check_geometry(img, path)
+    return img
 
 
 def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
@@ -89,8 +115,10 @@ def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
         raise InputError(f"invalid voxel spacing {tuple(float(z) for z in zooms)} in the header (must be finite "
                          "and > 0)", path)
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError("invalid affine in the header (non-finite or singular)", path)
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(0)) if np.isfinite(affine).all() else np.full(3, np.nan)
+    if not np.isfinite(sizes).all() or (sizes <= 1e-9).any():
+        raise InputError(f"invalid voxel spacing {tuple(round(float(z), 6) for z in sizes)} in the affine (must be "
+                         "finite and > 0)", path)
 
 
 def read_header_shape(path: str | Path) -> tuple[int, ...]:
@@ -101,10 +129,11 @@ def read_header_shape(path: str | Path) -> tuple[int, ...]:
     if not is_nifti(path):
         raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
     try:
-        img = nib.load(str(path))
+        img = _load(path)
+    except InputError:
+        raise
     except Exception as err:
         raise InputError(f"cannot read NIfTI header ({_one_line(err)})", path) from err
-    _check_geometry(img, path)
     return tuple(int(s) for s in img.shape)
 
 
