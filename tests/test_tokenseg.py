@@ -269,6 +269,8 @@ def test_state_dict_keys_do_not_depend_on_num_keep():
         (dict(token_size=26, num_heads=2), "divisible by 2 \\* num_heads"),
         (dict(num_heads=0), "num_heads"),
         (dict(band_radius=0), "band_radius"),
+        (dict(tau=0.0), "tau"),
+        (dict(norm_name="layer"), "norm_name"),
         (dict(feature_size=0), "feature_size"),
     ],
 )

@@ -134,6 +134,8 @@ class TokenSeg(nn.Module):
             raise ValueError(f"mixer_depth must be >= 0, got {mixer_depth}")
         if band_radius < 1:
             raise ValueError(f"band_radius must be >= 1, got {band_radius}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
         self.strides = tuple(2 ** (level + 1) for level in range(NUM_LEVELS))
         self.grid_sizes = tuple(tuple(s // st for s in size) for st in self.strides)
         cells = [g[0] * g[1] * g[2] for g in self.grid_sizes]
