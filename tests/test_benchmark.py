@@ -158,3 +158,19 @@ def test_bad_requests(kwargs, message):
 def test_cli_bad_ratio_exit_code(capsys):
     assert main(["benchmark", "--models", "bench_sparse", "--baseline", "bench_dense", "--prune-ratios", "x"]) == 2
     assert "--prune-ratios" in capsys.readouterr().err
+
+
+def test_paper_models_tiny():
+    """The registered UNETR and STP + MTA + UNETR (tiny overrides) through the benchmark: forward_encoder is timed,
+    MACs fall with the prune ratio, the parameters do not depend on it."""
+    tiny = {"img_size": 32, "hidden_size": 48, "mlp_dim": 96, "num_layers": 4, "num_heads": 3, "feature_size": 8,
+            "skip_layers": [1, 2, 3], "prune_after": [1, 2, 3], "completion_size": 48, "completion_heads": 3}
+    records = benchmark(["stp_mta_unetr"], prune_ratios=[0.5, 0.9], threads=1, warmup=0, repeats=1, train=True,
+                        memory=False, model_args=tiny)
+    dense, half, most = records
+    assert [r["model"] for r in records] == ["unetr", "stp_mta_unetr", "stp_mta_unetr"]
+    assert dense["prune_ratio"] is None and dense["speedup"] == 1.0
+    for rec in records:
+        _check_record(rec)
+        assert rec["encoder_throughput"] > 0 and rec["train_throughput"] > 0 and rec["encoder_speedup"] > 0
+    assert half["gmacs"] > most["gmacs"] and half["params"] == most["params"]
