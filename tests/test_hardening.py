@@ -187,7 +187,7 @@ def test_checkpoint_of_another_model(capsys, checkpoint, tmp_path):
     ckpt["model_name"], ckpt["model_args"]["feature_size"] = "tiny_seg", 8  # weights of another width
     torch.save(ckpt, tmp_path / "other.pt")
     _predict_fails(capsys, tmp_path / "other.pt", tmp_path / "in", tmp_path,
-                   "other.pt: weights do not fit model 'tiny_seg'")
+                   "other.pt: weights do not fit model 'tiny_seg' (size mismatch for body.0.weight")
 
 
 def test_checkpoint_of_another_channel_count(capsys, checkpoint, tmp_path):
@@ -224,7 +224,8 @@ def test_checkpoint_with_code_does_not_run(capsys, checkpoint, tmp_path):
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["payload"] = _RunsCode(marker)
     torch.save(ckpt, evil)
-    _predict_fails(capsys, evil, _inputs(tmp_path), tmp_path, "evil.pt: not a sparseseg checkpoint")
+    _predict_fails(capsys, evil, _inputs(tmp_path), tmp_path, "evil.pt: not a sparseseg checkpoint (holds Python code",
+                   "'exec'")
     _fails(capsys, ["export", "--checkpoint", str(evil), "--output", str(tmp_path / "m.onnx")], "evil.pt")
     assert not marker.exists()  # weights_only loading refused the call
     torch.load(evil, weights_only=False)  # the file really carries code: unrestricted unpickling runs it

@@ -11,6 +11,7 @@ ROI, labels/regions, class names), ``config`` (the training config), ``epoch`` (
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if code:  # a pickle that would call or build arbitrary Python objects: refused, nothing ran
+            raise InputError(f"not a sparseseg checkpoint (holds Python code or objects, {code[1]!r}, that "
+                             "weights-only loading refuses to run)", path) from err
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"not a sparseseg checkpoint (cannot be loaded: {msg[:200]})", path) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -101,5 +106,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) 
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise InputError(f"weights do not fit model {name!r}: {str(err).splitlines()[0]}", path) from err
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
+        raise InputError(f"weights do not fit model {name!r} ({detail[:300]})", path) from err
     return model
