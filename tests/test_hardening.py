@@ -15,6 +15,7 @@ import torch
 from conftest import TEST_AFFINE, save, synthetic_case, write_msd_dataset
 from sparseseg.cli import main
 from sparseseg.data.transforms import DataConfig
+from sparseseg.inference import _stitch_device
 from sparseseg.models.registry import create_model
 from sparseseg.training.checkpoint import save_checkpoint
 
@@ -277,3 +278,11 @@ def test_bad_stitch_device(capsys, checkpoint, tmp_path):
     _fails(capsys, ["predict", "--checkpoint", str(checkpoint), "--input", str(_inputs(tmp_path)),
                     "--output", str(tmp_path / "out"), "--stitch-device", "nonsense"], "unknown device 'nonsense'")
     assert _empty(tmp_path / "out")
+
+
+def test_large_volumes_are_stitched_off_the_gpu():
+    cuda = torch.device("cuda", 0)
+    assert _stitch_device("auto", cuda, 3, (96, 96, 96)) == cuda  # 14 MB of buffers stay on the GPU
+    assert _stitch_device("auto", cuda, 14, (512, 512, 512)) == torch.device("cpu")  # 8 GB go to the CPU
+    assert _stitch_device("auto", torch.device("cpu"), 14, (512, 512, 512)) == torch.device("cpu")
+    assert _stitch_device("cpu", cuda, 3, (8, 8, 8)) == torch.device("cpu")

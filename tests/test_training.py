@@ -177,6 +177,26 @@ def test_resume_gives_the_same_weights(tmp_path, msd_dataset, monkeypatch):
     assert set(meta["train_cases"]).isdisjoint(meta["val_cases"])
 
 
+def test_resume_restores_each_process_random_state(tmp_path, msd_dataset):
+    cfg = _cfg(msd_dataset, tmp_path / "run")
+    model = create_model("tiny_seg", in_channels=1, out_channels=3, feature_size=4)
+    optimizer = build_optimizer(model, 1e-3)
+    scheduler = WarmupCosine(optimizer, 1e-3, 10)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt_mod.rng_state())
+    save_checkpoint(tmp_path / "last.pt", model, {}, epoch=1, best_metric=0.5, best_epoch=1, elapsed=1.0, history=[],
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                    rng=states[0], rng_per_rank=states)
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        trainer_mod._resume(tmp_path / "last.pt", model, optimizer, scheduler, scaler, cfg,
+                            trainer_mod.DistInfo(rank=rank, world_size=2))
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+
+
 def test_regions_training_on_multichannel_nnunet(tmp_path):
     ds = write_nnunet_dataset(tmp_path / "nn", num_cases=2, shape=(16, 16, 16), channels=2)
     meta = json.loads(ds.read_text())

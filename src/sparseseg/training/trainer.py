@@ -251,9 +251,11 @@ def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, 
              "best_metric": state["best_metric"], "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
              "history": state["history"], "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": rngs[0], "rng_per_rank": rngs, "sampler": sampler}
-    save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
+    # best.pt first: a kill between the two writes leaves the older last.pt, whose resume redoes this epoch and
+    # rewrites best.pt, never a last.pt that believes in a best.pt that was not written.
     if is_best:
         save_checkpoint(run_dir / "best.pt", model, data_cfg.to_dict(), **extra)
+    save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
 
 
 def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig, info: DistInfo) -> dict[str, Any]:
