@@ -29,8 +29,8 @@ def _checkpoint(tmp_path, name: str):
     return save_checkpoint(tmp_path / f"{name}.pt", model, data.to_dict())
 
 
-def _reference(ckpt, x: torch.Tensor) -> np.ndarray:
-    graph, _ = load_for_export(ckpt)
+def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None) -> np.ndarray:
+    graph, _ = load_for_export(ckpt, prune_ratio)
     with torch.no_grad():
         return graph(x).numpy()
 
@@ -50,6 +50,12 @@ def test_onnx_matches_pytorch(tmp_path, name):
     (logits,) = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(logits, _reference(ckpt, x), atol=1e-4, rtol=1e-4)
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    if name == "stp_mta_unetr":  # a test-time ratio is baked into the graph (K of the TopK)
+        ratio = tmp_path / "r25.onnx"
+        assert main(["export", "--checkpoint", str(ckpt), "--output", str(ratio), "--prune-ratio", "0.25"]) == 0
+        (logits,) = ort.InferenceSession(str(ratio), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(logits, _reference(ckpt, x, 0.25), atol=1e-4, rtol=1e-4)
+        assert not np.allclose(logits, _reference(ckpt, x), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny_seg", "stp_mta_unetr"])
