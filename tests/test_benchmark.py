@@ -166,7 +166,7 @@ def test_paper_models_tiny():
     tiny = {"img_size": 32, "hidden_size": 48, "mlp_dim": 96, "num_layers": 4, "num_heads": 3, "feature_size": 8,
             "skip_layers": [1, 2, 3], "prune_after": [1, 2, 3], "completion_size": 48, "completion_heads": 3}
     records = benchmark(["stp_mta_unetr"], prune_ratios=[0.5, 0.9], threads=1, warmup=0, repeats=1, train=True,
-                        memory=False, model_args=tiny)
+                        memory=False, model_args=tiny, profile=True)
     dense, half, most = records
     assert [r["model"] for r in records] == ["unetr", "stp_mta_unetr", "stp_mta_unetr"]
     assert dense["prune_ratio"] is None and dense["speedup"] == 1.0
@@ -174,3 +174,10 @@ def test_paper_models_tiny():
         _check_record(rec)
         assert rec["encoder_throughput"] > 0 and rec["train_throughput"] > 0 and rec["encoder_speedup"] > 0
     assert half["gmacs"] > most["gmacs"] and half["params"] == most["params"]
+    for rec in records:  # the profiled parts are found by module name and add up to the profiled pass
+        prof = rec["profile_s"]
+        assert prof["decoder"] > 0 and prof["encoder_blocks"] > 0 and min(prof.values()) >= 0
+        assert sum(v for k, v in prof.items() if k != "total") == pytest.approx(prof["total"], rel=1e-6)
+    assert dense["profile_s"]["scorers"] == 0 and most["profile_s"]["scorers"] > 0
+    assert most["profile_s"]["completion"] > 0
+    assert "Profile of one forward pass" in markdown_table(records)

@@ -160,7 +160,8 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: b
 
 def measure_model(name: str, preset: str | None, prune_ratio: float | None, *, device: torch.device,
                   batch_size: int = 1, warmup: int = 1, repeats: int = 3, train: bool = False,
-                  memory: bool = True, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                  memory: bool = True, model_args: dict[str, Any] | None = None,
+                  profile: bool = False) -> dict[str, Any]:
     """One benchmark record (without the ratios to the baseline) for model ``name`` at ``prune_ratio``."""
     overrides = _model_overrides(name, model_args or {})
     if prune_ratio is not None:
@@ -193,6 +194,10 @@ def measure_model(name: str, preset: str | None, prune_ratio: float | None, *, d
     }
     if memory and device.type == "cuda":
         record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if profile:
+        from sparseseg.benchmark_profile import profile_breakdown
+
+        record["profile_s"] = profile_breakdown(model, x)
     if train:
         model.train()
         step = train_step_fn(model, x, y, sigmoid)
@@ -252,6 +257,7 @@ def benchmark(
     *,
     baseline: str | None = DEFAULT_BASELINE,
     memory: bool = True,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every model (each sparse one at every prune ratio) in this process, one after the other.
 
@@ -267,6 +273,8 @@ def benchmark(
         model_args: constructor overrides, passed to every model that accepts the key.
         baseline: the dense model every ratio refers to; None disables the ratios.
         memory: measure peak memory (a child process per model on CPU).
+        profile: add ``profile_s``, the seconds per part of one profiled forward pass
+            (:func:`sparseseg.benchmark_profile.profile_breakdown`).
 
     Returns:
         One record (dict) per (model, prune ratio); see docs/benchmark.md for the keys.
@@ -291,7 +299,7 @@ def benchmark(
     for i, (name, r) in enumerate(runs, 1):
         log.info("[%d/%d] %s%s: measuring", i, len(runs), name, "" if r is None else f" r={r:g}")
         rec = measure_model(name, preset, r, device=dev, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                            train=train, memory=memory, model_args=model_args)
+                            train=train, memory=memory, model_args=model_args, profile=profile)
         rec.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
                    batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
         records.append(rec)

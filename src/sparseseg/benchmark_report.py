@@ -53,7 +53,25 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for rec in records:
         lines.append("| " + " | ".join(_cell(rec, key, fmt) for _, key, fmt in cols) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + _profile_table(records)
+
+
+def _profile_table(records: Sequence[dict[str, Any]]) -> str:
+    """Seconds (and share) per part of one profiled forward pass, for the records that have ``profile_s``."""
+    from sparseseg.benchmark_profile import PARTS
+
+    recs = [r for r in records if r.get("profile_s")]
+    if not recs:
+        return ""
+    parts = [*PARTS, "gather_scatter", "other"]
+    lines = ["", "Profile of one forward pass (torch.profiler), seconds (share of the pass):", "",
+             "| model | r | " + " | ".join(parts) + " | total |", "|---" * (len(parts) + 3) + "|"]
+    for rec in recs:
+        prof = rec["profile_s"]
+        cells = [f"{prof[p]:.2f} ({100 * prof[p] / prof['total']:.0f}%)" for p in parts]
+        r = "-" if rec["prune_ratio"] is None else f"{rec['prune_ratio']:g}"
+        lines.append(f"| {rec['model']} | {r} | " + " | ".join(cells) + f" | {prof['total']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> Path:

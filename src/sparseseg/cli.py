@@ -162,6 +162,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
     p.add_argument("--train", action="store_true", help="also time training steps (forward + backward + step)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one forward pass: seconds in encoder blocks, scorers, gather/scatter, "
+                        "completion, decoder")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument (repeatable), given to every model that accepts it")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records as JSON")
@@ -182,7 +185,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
                             batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
-                            memory=not args.no_memory)
+                            memory=not args.no_memory, profile=args.profile)
         if args.json:
             write_json(records, args.json)
         if args.markdown:
