@@ -115,6 +115,7 @@ def test_cli_writes_json_markdown_plot(tmp_path, capsys):
         assert rec["preset"] == "btcv"
         # peak RSS of a child process: the imports alone, then the weights, then the forward pass
         assert 0 < rec["memory_import_mb"] <= rec["memory_model_mb"] <= rec["peak_memory_mb"]
+        assert rec["memory_import_mb"] < rec["peak_memory_mb"]  # the child's own peak, not one inherited at fork
     assert records[0]["speedup"] == 1.0 and records[0]["memory_ratio"] == 1.0
     # the baseline accepts prune_ratio too, but it is measured once, at its own default (0.0)
     table = out_md.read_text()

@@ -1,10 +1,11 @@
 """Peak CPU memory of one model, measured in a fresh child process (``python -m sparseseg.benchmark_memory``).
 
-``ru_maxrss`` never goes down, so one process can only tell the peak of everything it ever did; the benchmark
-therefore spawns one child per model. The child imports torch and the library (plus the module that defines
-the model's class, so models registered outside the library are found), notes its resident set size, builds the
-model, notes it again, runs one forward pass under ``torch.inference_mode()`` (or, with ``train``, one training
-step: forward with the target, loss, backward, AdamW step) and prints one JSON line:
+A process's peak resident set size never goes down, so one process can only tell the peak of everything it ever
+did; the benchmark therefore spawns one child per model and reads the child's own peak (``VmHWM`` on Linux). The
+child imports torch and the library (plus the module that defines the model's class, so models registered outside
+the library are found), notes its peak resident set size, builds the model, notes it again, runs one forward pass
+under ``torch.inference_mode()`` (or, with ``train``, one training step: forward with the target, loss, backward,
+AdamW step) and prints one JSON line:
 
 * ``import_mb``: peak RSS after the imports (interpreter + torch + MONAI + the library);
 * ``model_mb``: peak RSS after building the model (adds the weights and whatever building them touched);
@@ -26,7 +27,19 @@ from sparseseg.errors import SparsesegError
 
 
 def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """Peak RSS of this process's address space in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: that one survives fork + exec, so a child spawned
+    by a process that once held 7 GB would report 7 GB from its first line. Elsewhere ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    scale = 1024.0**2 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def peak_memory_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, float]:
