@@ -1,8 +1,10 @@
 """``benchmark(...)``: parameters, MACs, encoder and end-to-end throughput, latency, peak memory and training
 throughput of registered models, every sparse model against its dense baseline in the same run.
 
-Every model is built, warmed up and timed in this process, one after the other, on the same seeded input
-``[batch_size, in_channels, *img_size]`` (one ROI crop per image). Inference runs under
+Every model is built, warmed up and timed in this process on the same seeded input ``[batch_size, in_channels,
+*img_size]`` (one ROI crop per image). Inference is timed in rounds, each round calling every model once, one
+after the other, so that a change of load on a shared machine affects all models of the run alike; training steps
+are timed model by model (only one optimizer state exists at a time). Inference runs under
 ``torch.inference_mode()`` in eval mode; training steps (``train=True``) run forward (with the target) + loss +
 backward + AdamW step in training mode. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
 
@@ -27,6 +29,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -158,70 +161,105 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: b
     return step
 
 
-def measure_model(name: str, preset: str | None, prune_ratio: float | None, *, device: torch.device,
-                  batch_size: int = 1, warmup: int = 1, repeats: int = 3, train: bool = False,
-                  memory: bool = True, model_args: dict[str, Any] | None = None,
-                  profile: bool = False) -> dict[str, Any]:
-    """One benchmark record (without the ratios to the baseline) for model ``name`` at ``prune_ratio``."""
-    overrides = _model_overrides(name, model_args or {})
+@dataclass
+class _Run:
+    """One (model, prune ratio) of a run: the built model, its inputs and the timings collected so far."""
+
+    name: str
+    prune_ratio: float | None
+    overrides: dict[str, Any]
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    record: dict[str, Any]
+    times: list[float] = field(default_factory=list)
+    encoder_times: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+
+
+def _build(name: str, preset: str | None, prune_ratio: float | None, device: torch.device, batch_size: int,
+           model_args: dict[str, Any]) -> _Run:
+    overrides = _model_overrides(name, model_args)
     if prune_ratio is not None:
         overrides["prune_ratio"] = prune_ratio
-    sigmoid = preset in SIGMOID_PRESETS
     torch.manual_seed(0)
     model = create_model(name, preset, **overrides).to(device).eval()
-    x, y = make_inputs(model.model_args, batch_size, sigmoid, device)
+    x, y = make_inputs(model.model_args, batch_size, preset in SIGMOID_PRESETS, device)
     gmacs, params = _macs_and_params(model, x)
+    record = {"model": name, "preset": preset,
+              "prune_ratio": _prune_ratio(name, model) if prune_ratio is None else prune_ratio,
+              "params": params, "gmacs": gmacs, "encoder_throughput": None, "throughput": None,
+              "latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "train_throughput": None,
+              "train_peak_memory_mb": None}
+    return _Run(name, prune_ratio, overrides, model, x, y, record)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_inference(runs: list[_Run], device: torch.device, warmup: int, repeats: int) -> None:
+    """Warm every model up, then time them in rounds (each round calls every model once), so that a change of
+    machine load during the run hits all models alike instead of whichever model was running."""
+    has_encoder = [callable(getattr(r.model, "forward_encoder", None)) for r in runs]
+    with torch.inference_mode():
+        for run, enc in zip(runs, has_encoder, strict=True):
+            for _ in range(warmup):
+                run.model(run.x)
+                if enc:
+                    run.model.forward_encoder(run.x)
+        for _ in range(repeats):
+            for run in runs:
+                if device.type == "cuda":  # this model's own peak above what is already resident
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                run.times.append(_timed(partial(run.model, run.x), device))
+                if device.type == "cuda":
+                    run.peak_bytes = max(run.peak_bytes, torch.cuda.max_memory_allocated(device) - before)
+            for run, enc in zip(runs, has_encoder, strict=True):
+                if enc:
+                    run.encoder_times.append(_timed(partial(run.model.forward_encoder, run.x), device))
+    for run in runs:
+        rec, bs = run.record, run.x.shape[0]
+        rec.update(throughput=bs / statistics.median(run.times), latency_ms_median=1e3 * statistics.median(run.times),
+                   latency_ms_p90=1e3 * _percentile(run.times, 90))
+        if run.encoder_times:
+            rec["encoder_throughput"] = bs / statistics.median(run.encoder_times)
+        if device.type == "cuda":  # + the model's weights and input, resident before the call
+            weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
+            rec["peak_memory_mb"] = (run.peak_bytes + weights + run.x.numel() * run.x.element_size()) / 2**20
+
+
+def _time_training(run: _Run, device: torch.device, warmup: int, repeats: int, memory: bool,
+                   sigmoid: bool) -> None:
+    """Training steps of one model (its optimizer state exists only meanwhile); restores eval mode."""
+    run.model.train()
+    step = train_step_fn(run.model, run.x, run.y, sigmoid)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
-        times = time_calls(partial(model, x), device, warmup, repeats)
-        encoder_times = None
-        if callable(getattr(model, "forward_encoder", None)):
-            encoder_times = time_calls(partial(model.forward_encoder, x), device, warmup, repeats)
-    record: dict[str, Any] = {
-        "model": name,
-        "preset": preset,
-        "prune_ratio": _prune_ratio(name, model) if prune_ratio is None else prune_ratio,
-        "params": params,
-        "gmacs": gmacs,
-        "encoder_throughput": None if encoder_times is None else batch_size / statistics.median(encoder_times),
-        "throughput": batch_size / statistics.median(times),
-        "latency_ms_median": 1e3 * statistics.median(times),
-        "latency_ms_p90": 1e3 * _percentile(times, 90),
-        "peak_memory_mb": None,
-        "train_throughput": None,
-        "train_peak_memory_mb": None,
-    }
+    times = time_calls(step, device, warmup, repeats)
+    run.record["train_throughput"] = run.x.shape[0] / statistics.median(times)
     if memory and device.type == "cuda":
-        record["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if profile:
-        from sparseseg.benchmark_profile import profile_breakdown
+        run.record["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    run.model.zero_grad(set_to_none=True)
+    run.model.eval()
 
-        record["profile_s"] = profile_breakdown(model, x)
-    if train:
-        model.train()
-        step = train_step_fn(model, x, y, sigmoid)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        train_times = time_calls(step, device, warmup, repeats)
-        record["train_throughput"] = batch_size / statistics.median(train_times)
-        if memory and device.type == "cuda":
-            record["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if memory and device.type == "cpu":
-        from sparseseg.benchmark_memory import peak_memory_subprocess
 
-        spec = {"name": name, "preset": preset, "model_args": overrides, "batch_size": batch_size,
-                "threads": torch.get_num_threads(), "sigmoid": sigmoid, "module": type(model).__module__}
-        child = peak_memory_subprocess(spec)
-        record.update(peak_memory_mb=child["peak_mb"], memory_import_mb=child["import_mb"],
+def _cpu_memory(run: _Run, preset: str | None, train: bool) -> None:
+    from sparseseg.benchmark_memory import peak_memory_subprocess
+
+    spec = {"name": run.name, "preset": preset, "model_args": run.overrides, "batch_size": run.x.shape[0],
+            "threads": torch.get_num_threads(), "sigmoid": preset in SIGMOID_PRESETS,
+            "module": type(run.model).__module__}
+    child = peak_memory_subprocess(spec)
+    run.record.update(peak_memory_mb=child["peak_mb"], memory_import_mb=child["import_mb"],
                       memory_model_mb=child["model_mb"])
-        if train:
-            record["train_peak_memory_mb"] = peak_memory_subprocess({**spec, "train": True})["peak_mb"]
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return record
+    if train:
+        run.record["train_peak_memory_mb"] = peak_memory_subprocess({**spec, "train": True})["peak_mb"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -259,7 +297,9 @@ def benchmark(
     memory: bool = True,
     profile: bool = False,
 ) -> list[dict[str, Any]]:
-    """Measure every model (each sparse one at every prune ratio) in this process, one after the other.
+    """Measure every model (each sparse one at every prune ratio) in this process: all are built and warmed up,
+    then timed in rounds (one call of each model per round); training steps, profiles and memory follow model by
+    model.
 
     Args:
         models: registered model names; ``baseline`` is measured first (added when missing).
@@ -294,16 +334,30 @@ def benchmark(
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    runs = [(name, r) for name in names for r in _runs(name, prune_ratios, baseline)]
-    records = []
-    for i, (name, r) in enumerate(runs, 1):
-        log.info("[%d/%d] %s%s: measuring", i, len(runs), name, "" if r is None else f" r={r:g}")
-        rec = measure_model(name, preset, r, device=dev, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                            train=train, memory=memory, model_args=model_args, profile=profile)
-        rec.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
-                   batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
-        records.append(rec)
-        log.info("[%d/%d] %s", i, len(runs), _summary(rec))
+    pairs = [(name, r) for name in names for r in _runs(name, prune_ratios, baseline)]
+    runs = []
+    for i, (name, r) in enumerate(pairs, 1):
+        log.info("[%d/%d] %s%s: building", i, len(pairs), name, "" if r is None else f" r={r:g}")
+        runs.append(_build(name, preset, r, dev, batch_size, model_args))
+    log.info("timing inference of %d model(s) in %d round(s) after %d warm-up call(s)", len(runs), repeats, warmup)
+    _time_inference(runs, dev, warmup, repeats)
+    for i, run in enumerate(runs, 1):
+        if profile:
+            from sparseseg.benchmark_profile import profile_breakdown
+
+            run.record["profile_s"] = profile_breakdown(run.model, run.x)
+        if train:
+            _time_training(run, dev, warmup, repeats, memory, preset in SIGMOID_PRESETS)
+        if memory and dev.type == "cpu":
+            _cpu_memory(run, preset, train)
+        run.record.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
+                          batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
+        log.info("[%d/%d] %s", i, len(runs), _summary(run.record))
+    records = [run.record for run in runs]
+    del runs
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return add_ratios(records, baseline)
 
 
