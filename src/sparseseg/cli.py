@@ -269,7 +269,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a short end-to-end check: 4 mm template, tiny models, 3 training steps")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time per model in minutes (both train at once; default 7; --quick: 3 steps)")
+                   help="training time per model in minutes (both train at once; default 6; --quick: 3 steps)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--prune-ratio", type=float, default=0.75, help="pruning ratio of stp_mta_unetr (default 0.75)")
     p.add_argument("--seed", type=int, default=0)

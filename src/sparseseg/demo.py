@@ -59,7 +59,7 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str) -> DemoSettings:
-    """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 7) or the
+    """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
     quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs)."""
     train = {"batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
@@ -82,7 +82,7 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [2, 4, 5], "completion_size": 192,
                          "completion_heads": 6},
             train={**train, "epochs": 100_000, "iters_per_epoch": 20})
-        minutes = 7.0 if minutes is None else minutes
+        minutes = 6.0 if minutes is None else minutes
     if minutes is not None:
         if minutes <= 0:
             raise InputError(f"--minutes must be > 0, got {minutes}")
