@@ -103,7 +103,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment NIfTI volumes with a checkpoint",
                        description="Sliding-window inference; writes OUTPUT/CASE.nii.gz on each input's grid.")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt of `sparseseg train`")
-    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s); CASE_XXXX channels")
+    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s); CASE_0000, ... channels")
     p.add_argument("--output", required=True, help="output folder (must not contain the inputs)")
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
@@ -205,7 +205,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
 
     pol = vsub.add_parser("policy", help="depth at which each token was pruned, over image slices (paper Fig. 2)")
     pol.add_argument("--checkpoint", required=True, help="checkpoint of a token-pruning model")
-    pol.add_argument("--input", required=True, nargs="+", help="one case: a NIfTI file or its CASE_XXXX channel files")
+    pol.add_argument("--input", required=True, nargs="+", help="one case: a NIfTI file or its CASE_0000, ... channel files")
     pol.add_argument("--output", required=True, help="PNG to write")
     pol.add_argument("--label", default=None, help="reference label map of the case, drawn beside the policy")
     pol.add_argument("--prune-ratio", type=float, default=None, help="test-time pruning ratio (default: trained)")

@@ -167,7 +167,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
 
     Args:
         checkpoint: a ``best.pt``/``last.pt`` written by :func:`sparseseg.training.train`.
-        inputs: NIfTI files and/or folders of them; channel files ``CASE_XXXX`` are grouped into one case.
+        inputs: NIfTI files and/or folders of them; channel files ``CASE_0000``, ... form one case.
         output_dir: folder for the label maps (created); must not equal or contain an input.
         prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
         overlap: sliding-window overlap in [0, 1).

@@ -149,7 +149,7 @@ def _nnunet_cases(folder: Path, ending: str, num_channels: int, labels_folder: P
             continue
         m = _CHANNEL_SUFFIX.match(f.name[: -len(ending)])
         if m is None:
-            raise InputError(f"image file name must end with _XXXX{ending} (channel index)", f)
+            raise InputError(f"image file name must end with a 4-digit channel index, e.g. _0000{ending}", f)
         by_case.setdefault(m["case"], {})[int(m["channel"])] = f
     cases = []
     for name, files in by_case.items():

@@ -55,17 +55,23 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).endswith(NIFTI_ENDINGS)
 
 
+def _existing_nifti(path: str | Path) -> Path:
+    """``path`` as a Path if it names an existing .nii / .nii.gz file, else :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if not is_nifti(path):
+        raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
+    return path
+
+
 def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".replace("\n", " ").strip()
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a NIfTI file fully; missing, unreadable or corrupt files raise :class:`InputError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path)
-    if not is_nifti(path):
-        raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
+    path = _existing_nifti(path)
     try:
         img = _load(path)
         data = np.asarray(img.dataobj)
@@ -123,11 +129,7 @@ def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
 
 def read_header_shape(path: str | Path) -> tuple[int, ...]:
     """The array shape from the header only (cheap), for up-front checks."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path)
-    if not is_nifti(path):
-        raise InputError("not a NIfTI file (expected .nii or .nii.gz)", path)
+    path = _existing_nifti(path)
     try:
         img = _load(path)
     except InputError:
