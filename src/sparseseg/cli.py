@@ -205,7 +205,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
 
     pol = vsub.add_parser("policy", help="depth at which each token was pruned, over image slices (paper Fig. 2)")
     pol.add_argument("--checkpoint", required=True, help="checkpoint of a token-pruning model")
-    pol.add_argument("--input", required=True, nargs="+", help="one case: a NIfTI file or its CASE_0000, ... channel files")
+    pol.add_argument("--input", required=True, nargs="+", help="one case: a NIfTI file or its channel files")
     pol.add_argument("--output", required=True, help="PNG to write")
     pol.add_argument("--label", default=None, help="reference label map of the case, drawn beside the policy")
     pol.add_argument("--prune-ratio", type=float, default=None, help="test-time pruning ratio (default: trained)")

@@ -82,7 +82,7 @@ def policy_from_checkpoint(checkpoint: str | Path, inputs: str | Path | Sequence
                            device: str = "auto") -> PolicyMap:
     """Load a checkpoint, preprocess one case as inference does and compute its pruning policy.
 
-    ``inputs``: the case's image file(s) (one file or the ``CASE_0000``, ``CASE_0001`` ... channel files); ``label``: its reference
+    ``inputs``: the case's image file(s) (one file or the ``CASE_0000``, ... channel files); ``label``: its reference
     map, brought onto the same preprocessed grid. ``prune_ratio`` overrides the trained ratio.
     """
     from sparseseg.config import resolve_device
