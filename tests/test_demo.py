@@ -103,7 +103,7 @@ def test_policy_summary_counts_brain_patches_per_depth():
 
 def test_settings_follow_the_flags():
     full = demo_settings(False, None, 0.75, 0, "cpu")
-    assert full.train["time_budget"] == 420.0 and full.roi == 48 and full.model_args["patch_size"] == 8
+    assert full.train["time_budget"] == 360.0 and full.roi == 48 and full.model_args["patch_size"] == 8
     quick = demo_settings(True, None, 0.5, 1, "cpu")
     assert "time_budget" not in quick.train and quick.sparse_args["prune_ratio"] == 0.5
     assert demo_settings(True, 0.05, 0.75, 0, "cpu").train["time_budget"] == 3.0
