@@ -70,3 +70,13 @@ def test_count_params():
     assert count_params(m) == 3 * 4 + 4 + 4 * 2 + 2
     m[0].weight.requires_grad_(False)
     assert count_params(m, trainable_only=True) == 4 + 4 * 2 + 2
+
+
+def test_count_params_inference_only_leaves_out_training_only_parts():
+    import sparseseg
+
+    model = sparseseg.create_model("veloxseg", img_size=96, in_channels=2, out_channels=2, modalities=[1, 1])
+    assert count_params(model, inference_only=True) == model.inference_parameters() < count_params(model)
+    dense = sparseseg.create_model("unetr", img_size=32, hidden_size=48, num_layers=2, num_heads=2, mlp_dim=96,
+                                   skip_layers=(1, 1, 2))
+    assert count_params(dense, inference_only=True) == count_params(dense)

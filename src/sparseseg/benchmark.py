@@ -95,10 +95,10 @@ def make_inputs(args: dict[str, Any], batch_size: int, sigmoid: bool, device: to
 
 
 def _macs_and_params(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
-    """G MACs of one image (``count_macs``, batch 1) and the number of parameters."""
+    """G MACs of one image (``count_macs``, batch 1) and the number of parameters used at inference."""
     from sparseseg.flops import count_macs, count_params
 
-    return float(count_macs(model, tuple(x[:1].shape))), int(count_params(model))
+    return float(count_macs(model, tuple(x[:1].shape))), int(count_params(model, inference_only=True))
 
 
 def _runs(name: str, prune_ratios: Sequence[float] | None, baseline: str | None) -> list[float | None]:

@@ -98,6 +98,11 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, d
     return flops / 2 / 1e9
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all, or only those with ``requires_grad``)."""
+def count_params(model: nn.Module, trainable_only: bool = False, inference_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``).
+
+    ``inference_only``: leave out training-only parts for models that declare them through an
+    ``inference_parameters()`` method (e.g. VeloxSeg's SDKT reconstruction decoders)."""
+    if inference_only and hasattr(model, "inference_parameters") and not trainable_only:
+        return int(model.inference_parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
