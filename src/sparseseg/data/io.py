@@ -217,7 +217,7 @@ def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A process killed at any moment leaves either the previous ``path`` or the new one, never a partial file (at
-    worst a hidden ``.NAME.XXXX`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
+    worst a hidden ``.NAME.<random>`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
     written raises :class:`InputError` naming ``path``.
     """
     path = Path(path)
