@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparseseg.config import resolve_device
 from sparseseg.errors import InputError
 from sparseseg.models.registry import create_model, list_models, model_arguments, resolve_model_args
 
@@ -324,12 +325,7 @@ def benchmark(
     if baseline is not None and baseline not in names:
         names.insert(0, baseline)
     _check_request(names, preset, prune_ratios, model_args, batch_size, warmup, repeats)
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise InputError(f"unknown device {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available")
+    dev = resolve_device(device)
     if threads is not None:
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
