@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparseseg.models.conv import Conv3d
+
 Size3 = tuple[int, int, int]
 
 
@@ -131,7 +133,7 @@ class JLC(nn.Module):
         groups = channels // group_channels
         self.branches = nn.ModuleList(
             nn.Sequential(
-                nn.Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
+                Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
                 nn.InstanceNorm3d(channels, affine=True),
                 nn.GELU(),
             )
@@ -139,9 +141,9 @@ class JLC(nn.Module):
         )
         self.ffn = nn.Sequential(
             nn.InstanceNorm3d(channels, affine=True),
-            nn.Conv3d(channels, channels * expansion, 1),
+            Conv3d(channels, channels * expansion, 1),
             nn.GELU(),
-            nn.Conv3d(channels * expansion, channels, 1),
+            Conv3d(channels * expansion, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +170,8 @@ class PairedWindowAttention(nn.Module):
         self.channels, self.num_modalities, self.num_scales = channels, num_modalities, num_scales
         self.num_heads, self.head_dim, self.ratio = num_heads, head_dim, ratio
         m, inner = num_modalities, num_heads * head_dim
-        self.qkv = nn.ModuleList(nn.Conv3d(m * channels, m * 3 * inner, 1, groups=m) for _ in range(num_scales))
-        self.proj = nn.Conv3d(m * num_scales * inner, m * channels, 1, groups=m)
+        self.qkv = nn.ModuleList(Conv3d(m * channels, m * 3 * inner, 1, groups=m) for _ in range(num_scales))
+        self.proj = Conv3d(m * num_scales * inner, m * channels, 1, groups=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, *spatial = x.shape
@@ -216,14 +218,14 @@ class PWABlock(nn.Module):
         super().__init__()
         mc = num_modalities * channels
         # Attention inside 27-token windows is blind to token order; a depthwise conv gives it position.
-        self.pos = nn.Conv3d(mc, mc, 3, padding=1, groups=mc)
+        self.pos = Conv3d(mc, mc, 3, padding=1, groups=mc)
         self.norm1 = ModalLayerNorm(num_modalities, channels)
         self.attn = PairedWindowAttention(channels, num_modalities, num_scales, num_heads, head_dim, ratio)
         self.norm2 = ModalLayerNorm(num_modalities, channels)
         self.mlp = nn.Sequential(
-            nn.Conv3d(mc, mc * mlp_ratio, 1, groups=num_modalities),
+            Conv3d(mc, mc * mlp_ratio, 1, groups=num_modalities),
             nn.GELU(),
-            nn.Conv3d(mc * mlp_ratio, mc, 1, groups=num_modalities),
+            Conv3d(mc * mlp_ratio, mc, 1, groups=num_modalities),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from sparseseg.models.conv import Conv3d
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import register_model
 from sparseseg.models.sdkt import gram_matrix, sdkt_losses
@@ -56,7 +57,7 @@ class VeloxDecoder(nn.Module):
         n = len(channels)
         self.ups = nn.ModuleList(nn.ConvTranspose3d(channels[s + 1], channels[s], 2, stride=2) for s in range(n - 1))
         self.blocks = nn.ModuleList(JLC(channels[s], group_channels[s], expansion[s]) for s in range(n - 1))
-        self.head = nn.Conv3d(channels[0], out_channels * STEM_STRIDE**3, 3, padding=1)
+        self.head = Conv3d(channels[0], out_channels * STEM_STRIDE**3, 3, padding=1)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = skips[-1]
@@ -127,26 +128,26 @@ class VeloxSeg(nn.Module):
         self.num_scales = self._scales_per_stage(self.img_size)
         m = len(modalities)
 
-        self.conv_stem = nn.Conv3d(in_channels, channels[0], 7, stride=STEM_STRIDE, padding=3)
-        self.token_stems = nn.ModuleList(nn.Conv3d(c, channels[0], STEM_STRIDE, stride=STEM_STRIDE) for c in modalities)
+        self.conv_stem = Conv3d(in_channels, channels[0], 7, stride=STEM_STRIDE, padding=3)
+        self.token_stems = nn.ModuleList(Conv3d(c, channels[0], STEM_STRIDE, stride=STEM_STRIDE) for c in modalities)
         self.conv_blocks = nn.ModuleList(JLC(channels[s], groups[s], expansion[s]) for s in range(n))
         self.token_blocks = nn.ModuleList(
             PWABlock(channels[s], m, self.num_scales[s], heads[s], dims[s], expansion[s], window_ratio)
             for s in range(n)
         )
         self.mixers = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(m * channels[s], channels[s], 1), nn.InstanceNorm3d(channels[s], affine=True))
+            nn.Sequential(Conv3d(m * channels[s], channels[s], 1), nn.InstanceNorm3d(channels[s], affine=True))
             for s in range(n)
         )
         # Conv stream: overlapping kernels (2 * stride - 1, as its 7^3 stride-4 stem); token stream: patch merging.
         self.conv_downs = nn.ModuleList(
-            nn.Conv3d(channels[s], channels[s + 1], 3, stride=2, padding=1) for s in range(n - 1)
+            Conv3d(channels[s], channels[s + 1], 3, stride=2, padding=1) for s in range(n - 1)
         )
         self.token_downs = nn.ModuleList(
-            nn.Conv3d(m * channels[s], m * channels[s + 1], 2, stride=2, groups=m) for s in range(n - 1)
+            Conv3d(m * channels[s], m * channels[s + 1], 2, stride=2, groups=m) for s in range(n - 1)
         )
         self.decoder = VeloxDecoder(channels, groups, expansion, out_channels)
-        self.ds_heads = nn.ModuleList(nn.Conv3d(channels[s], out_channels, 1) for s in range(n - 1))
+        self.ds_heads = nn.ModuleList(Conv3d(channels[s], out_channels, 1) for s in range(n - 1))
         self.reconstruction = nn.ModuleList(
             VeloxDecoder(channels, groups, expansion, c) for c in (modalities if sdkt else ())
         )

@@ -1,0 +1,62 @@
+"""The oneDNN-routed Conv3d computes what nn.Conv3d computes, forward and backward, with the same state_dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparseseg.models.conv as conv
+from sparseseg.models.conv import Conv3d
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1),
+     dict(kernel_size=3, padding=1, groups=4), dict(kernel_size=5, padding=2, bias=False)],
+)
+def test_matches_nn_conv3d_forward_and_backward(kwargs):
+    torch.manual_seed(0)
+    ours = Conv3d(8, 16, **kwargs)
+    ref = nn.Conv3d(8, 16, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 8, 12, 10, 8)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_routes_only_dense_spatial_kernels(monkeypatch):
+    calls = []
+    real = torch.ops.aten.mkldnn_convolution
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[1].shape)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", Spy(), raising=False)
+    x = torch.randn(1, 8, 6, 6, 6)
+    if not conv._onednn_usable(x):
+        pytest.skip("this PyTorch build has no usable oneDNN")
+    Conv3d(8, 8, 1)(x)
+    Conv3d(8, 8, 3, padding=1, groups=8)(x)
+    assert calls == []
+    Conv3d(8, 4, 3, padding=1)(x)
+    assert calls == [torch.Size([4, 8, 3, 3, 3])]
+
+
+def test_meta_and_other_dtypes_fall_back():
+    meta = Conv3d(2, 4, 3, padding=1, device="meta")
+    assert meta(torch.empty(1, 2, 8, 8, 8, device="meta")).shape == (1, 4, 8, 8, 8)
+    double = Conv3d(2, 4, 3, padding=1, dtype=torch.float64)
+    ref = nn.Conv3d(2, 4, 3, padding=1, dtype=torch.float64)
+    ref.load_state_dict(double.state_dict())
+    x = torch.randn(1, 2, 8, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(double(x), ref(x))
