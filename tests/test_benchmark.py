@@ -72,6 +72,7 @@ def _check_record(rec: dict) -> None:
         assert rec[key] > 0 and math.isfinite(rec[key]), key
     assert rec["latency_ms_p90"] >= rec["latency_ms_median"]
     assert rec["device"] == "cpu" and rec["threads"] == 1 and rec["torch_version"] == torch.__version__
+    assert rec["cpu_allocator"] in ("glibc-keep", "system")
 
 
 def test_records_train_and_ratios():

@@ -116,3 +116,24 @@ def test_bad_model_arguments(name, kw, match):
         base["skip_layers"] = (1, 2, 3)
     with pytest.raises(ValueError, match=match):
         create_model(name, **{**base, **kw})
+
+
+@pytest.mark.parametrize("decoder,patch", [("original", 16), ("v2", 8)])
+def test_instance_norm_decoder_matches_monai_instance_norm(decoder, patch):
+    """"instance" is built as one-group-per-channel GroupNorm and decoded channels-last on the CPU: the same
+    state_dict and, to float32 rounding, the same logits as MONAI's InstanceNorm3d run channels-first."""
+    torch.manual_seed(0)
+    kw = dict(in_channels=1, out_channels=3, img_size=32, patch_size=patch, decoder=decoder, **TINY_VIT,
+              skip_layers=(1, 2, 3))
+    ours = create_model("unetr", **kw).eval()
+    monai_norm = create_model("unetr", norm_name=("instance", {"affine": False}), **kw).eval()
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in ours.decoder.modules())
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in monai_norm.decoder.modules())
+    assert list(ours.state_dict()) == list(monai_norm.state_dict())
+    monai_norm.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        logits = ours(x)
+        ref = monai_norm(x)
+    assert logits.is_contiguous()
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)

@@ -39,6 +39,7 @@ import torch.nn as nn
 from sparseseg.config import resolve_device
 from sparseseg.errors import InputError
 from sparseseg.models.registry import create_model, list_models, model_arguments, resolve_model_args
+from sparseseg.runtime import cpu_allocator
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def _cpu_memory(run: _Run, preset: str | None, train: bool) -> None:
 
     spec = {"name": run.name, "preset": preset, "model_args": run.overrides, "batch_size": run.x.shape[0],
             "threads": torch.get_num_threads(), "sigmoid": preset in SIGMOID_PRESETS,
-            "module": type(run.model).__module__}
+            "module": type(run.model).__module__, "cpu_allocator": cpu_allocator()}
     child = peak_memory_subprocess(spec)
     run.record.update(peak_memory_mb=child["peak_mb"], memory_import_mb=child["import_mb"],
                       memory_model_mb=child["model_mb"])
@@ -347,6 +348,7 @@ def benchmark(
         if memory and dev.type == "cpu":
             _cpu_memory(run, preset, train)
         run.record.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
+                          cpu_allocator=cpu_allocator() if dev.type == "cpu" else None,
                           batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
         log.info("[%d/%d] %s", i, len(runs), _summary(run.record))
     records = [run.record for run in runs]

@@ -63,6 +63,10 @@ def _child(spec: dict[str, Any]) -> dict[str, float]:
 
     if spec.get("module"):
         importlib.import_module(spec["module"])
+    if spec.get("cpu_allocator") == "glibc-keep":  # the same allocator setting as the benchmark's process
+        from sparseseg.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     torch.set_num_threads(int(spec["threads"]))
     import_mb = _maxrss_mb()
     torch.manual_seed(0)

@@ -40,6 +40,11 @@ def _cell(rec: dict[str, Any], key: str | None, fmt: str | None) -> str:
     return fmt.format(value)
 
 
+def _allocator(record: dict[str, Any]) -> str:
+    alloc = record.get("cpu_allocator")
+    return f"CPU allocator {alloc}, " if alloc else ""
+
+
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     """A Markdown table, one row per record, preceded by one line naming the run's conditions. Columns that
     are empty in every record (e.g. training without ``--train``) are left out."""
@@ -48,8 +53,9 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     cols = [c for c in _COLUMNS if c[1] is None or any(r.get(c[1]) is not None for r in records)]
     first = records[0]
     head = (f"preset `{first['preset']}`, device `{first['device']}`, {first['threads']} thread(s), "
-            f"torch {first['torch_version']}, batch {first['batch_size']}, warm-up {first['warmup']}, "
-            f"repeats {first['repeats']}, baseline `{first.get('baseline')}`; MACs: {first['macs_counter']}\n\n")
+            f"torch {first['torch_version']}, {_allocator(first)}batch {first['batch_size']}, "
+            f"warm-up {first['warmup']}, repeats {first['repeats']}, baseline `{first.get('baseline')}`; "
+            f"MACs: {first['macs_counter']}\n\n")
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for rec in records:
         lines.append("| " + " | ".join(_cell(rec, key, fmt) for _, key, fmt in cols) + " |")

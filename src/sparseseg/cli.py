@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sparseseg import __version__
 from sparseseg.errors import SparsesegError
+from sparseseg.runtime import tune_cpu_allocator
 
 log = logging.getLogger("sparseseg")
 
@@ -312,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    tune_cpu_allocator()  # keep freed tensor memory in the process: see sparseseg/runtime.py
     try:
         return int(args.func(args) or 0)
     except SparsesegError as err:

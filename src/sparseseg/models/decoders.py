@@ -14,6 +14,14 @@ completed map.
 
 ``encoder1`` is a residual block on the image at full size (``feature_size`` channels) in all three; the head is a
 1x1x1 convolution. ``F`` = ``feature_size``.
+
+Speed on the CPU: the full-resolution levels dominate a decoder's time (about half of a pruned model's forward).
+oneDNN convolves channels-last (NDHWC) maps without reordering them to its blocked layout and back (a 32 -> 16 3^3
+conv at 96^3, two threads: 158 ms against 226 ms), so on the CPU every decoder runs channels-last and returns
+contiguous logits. MONAI's ``InstanceNorm3d`` would copy channels-last maps back to contiguous ones, so the
+``"instance"`` norm is built as ``GroupNorm`` with one group per channel and no affine parameters: the same
+normalisation (per sample and channel, biased variance, eps 1e-5) and the same (empty) ``state_dict``, with a
+native channels-last kernel (30 ms against 91 ms for instance norm on a channels-last 16 x 96^3 map).
 """
 
 from __future__ import annotations
@@ -28,18 +36,33 @@ DECODERS = ("original", "v1", "v2")
 DECODER_PATCH = {"original": 16, "v1": 8, "v2": 8}
 
 
+def block_norm(norm_name: str | tuple, channels: int) -> str | tuple:
+    """The MONAI norm spec for a block of ``channels`` channels: ``"instance"`` (without arguments) becomes the
+    equivalent one-group-per-channel ``GroupNorm`` (see the module docstring); anything else is passed through."""
+    if norm_name == "instance" or norm_name == ("instance", {}):
+        return ("group", {"num_groups": channels, "affine": False, "eps": 1e-5})
+    return norm_name
+
+
 def _basic(cin: int, cout: int, norm_name: str | tuple) -> UnetrBasicBlock:
-    return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+    return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=block_norm(norm_name, cout),
+                           res_block=True)
 
 
 def _prup(cin: int, cout: int, num_layer: int, norm_name: str | tuple) -> UnetrPrUpBlock:
     """Transposed-conv upsampling by ``2^(num_layer + 1)`` with residual blocks in between."""
     return UnetrPrUpBlock(3, cin, cout, num_layer=num_layer, kernel_size=3, stride=1, upsample_kernel_size=2,
-                          norm_name=norm_name, conv_block=True, res_block=True)
+                          norm_name=block_norm(norm_name, cout), conv_block=True, res_block=True)
 
 
 def _up(cin: int, cout: int, norm_name: str | tuple) -> UnetrUpBlock:
-    return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True)
+    return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=block_norm(norm_name, cout),
+                        res_block=True)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in NDHWC memory on the CPU (a no-op for the token maps, which are channels-last views already)."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.device.type == "cpu" else x
 
 
 class UnetrDecoder(nn.Module):
@@ -52,9 +75,16 @@ class UnetrDecoder(nn.Module):
         self.encoder1 = _basic(in_channels, feature_size, norm_name)
         self.out = UnetOutBlock(3, feature_size, out_channels)
 
-    def _check(self, skips: Sequence[torch.Tensor]) -> None:
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, C_in, D, H, W]``, ``num_skips`` maps and the bottleneck ``[B, hidden, *G]`` -> logits
+        ``[B, out_channels, D, H, W]`` (contiguous); channels-last inside on the CPU."""
         if len(skips) != self.num_skips:
             raise ValueError(f"{type(self).__name__} takes {self.num_skips} skip maps, got {len(skips)}")
+        logits = self._decode(_channels_last(x), [_channels_last(s) for s in skips], _channels_last(bottleneck))
+        return logits.contiguous()
+
+    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class OriginalDecoder(UnetrDecoder):
@@ -74,8 +104,7 @@ class OriginalDecoder(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
-        self._check(skips)
+    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
         enc2, enc3, enc4 = self.encoder2(skips[0]), self.encoder3(skips[1]), self.encoder4(skips[2])
         d = self.decoder5(bottleneck, enc4)  # G -> 2G
         d = self.decoder4(d, enc3)  # 2G -> 4G
@@ -101,8 +130,7 @@ class DecoderV2(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
-        self._check(skips)
+    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
         enc2, enc3, enc4 = self.encoder2(skips[0]), self.encoder3(skips[1]), self.encoder4(skips[2])
         d = self.decoder5(self.pool(bottleneck), enc4)  # G -> G/2 -> G
         d = self.decoder4(d, enc3)  # G -> 2G
@@ -125,8 +153,7 @@ class DecoderV1(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
-        self._check(skips)
+    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
         enc2, enc3 = self.encoder2(skips[0]), self.encoder3(skips[1])
         d = self.decoder4(bottleneck, enc3)  # G -> 2G
         d = self.decoder3(d, enc2)  # 2G -> 4G
