@@ -5,6 +5,7 @@ import torch
 from monai.networks.nets import UNETR as MonaiUNETR
 
 from sparseseg import count_params, create_model, list_models
+from sparseseg.models.norms import ChannelInstanceNorm3d
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import resolve_model_args
 
@@ -120,20 +121,41 @@ def test_bad_model_arguments(name, kw, match):
 
 @pytest.mark.parametrize("decoder,patch", [("original", 16), ("v2", 8)])
 def test_instance_norm_decoder_matches_monai_instance_norm(decoder, patch):
-    """"instance" is built as one-group-per-channel GroupNorm and decoded channels-last on the CPU: the same
-    state_dict and, to float32 rounding, the same logits as MONAI's InstanceNorm3d run channels-first."""
+    """"instance" is built as ChannelInstanceNorm3d and decoded channels-last on the CPU: the same state_dict and,
+    to float32 rounding, the same logits as MONAI's InstanceNorm3d run channels-first."""
     torch.manual_seed(0)
     kw = dict(in_channels=1, out_channels=3, img_size=32, patch_size=patch, decoder=decoder, **TINY_VIT,
               skip_layers=(1, 2, 3))
     ours = create_model("unetr", **kw).eval()
     monai_norm = create_model("unetr", norm_name=("instance", {"affine": False}), **kw).eval()
-    assert any(isinstance(m, torch.nn.GroupNorm) for m in ours.decoder.modules())
+    assert any(isinstance(m, ChannelInstanceNorm3d) for m in ours.decoder.modules())
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in monai_norm.decoder.modules())
     assert list(ours.state_dict()) == list(monai_norm.state_dict())
     monai_norm.load_state_dict(ours.state_dict())
+    monai_norm.decoder.to(memory_format=torch.contiguous_format)
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.inference_mode():
         logits = ours(x)
         ref = monai_norm(x)
     assert logits.is_contiguous()
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_instance_norm_is_instance_norm(channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 5, 7) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    y = ChannelInstanceNorm3d(4)(x)
+    x_ref = x.detach().contiguous().requires_grad_()
+    ref = torch.nn.functional.instance_norm(x_ref)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected"):
+        ChannelInstanceNorm3d(3)(x)

@@ -21,13 +21,17 @@ import torch
 import torch.nn as nn
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor in an eager run, not one being traced, scripted, exported or compiled (CPU
+    layout choices such as channels-last are for eager runs only: ONNX has no memory formats)."""
+    return x.device.type == "cpu" and not (torch.jit.is_tracing() or torch.jit.is_scripting()
+                                           or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
 def _onednn_usable(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.is_mkldnn:
+    if x.dtype != torch.float32 or x.is_mkldnn or not eager_cpu(x):
         return False
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-                or torch.compiler.is_compiling())
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 class Conv3d(nn.Conv3d):
