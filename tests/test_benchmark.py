@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparseseg.benchmark import _percentile, benchmark
+from sparseseg.benchmark import _model_overrides, _percentile, _unused_model_args, benchmark
 from sparseseg.benchmark_report import markdown_table
 from sparseseg.cli import main
 from sparseseg.errors import InputError
@@ -147,6 +147,7 @@ def test_percentile():
     ({"models": ["no_such_model"]}, "unknown model"),
     ({"models": ["bench_sparse"], "prune_ratios": [1.0]}, "prune ratio"),
     ({"models": ["bench_sparse"], "model_args": {"depth_of_nothing": 3}}, "depth_of_nothing"),
+    ({"models": ["bench_sparse"], "model_args": {"unetr:hidden_size": 32}}, "unetr:hidden_size"),
     ({"models": ["bench_sparse"], "repeats": 0}, "repeats"),
     ({"models": ["bench_sparse"], "device": "cuda:0"}, "cuda"),
 ])
@@ -183,3 +184,13 @@ def test_paper_models_tiny():
     assert dense["profile_s"]["scorers"] == 0 and most["profile_s"]["scorers"] > 0
     assert most["profile_s"]["completion"] > 0
     assert "Profile of one forward pass" in markdown_table(records)
+
+
+def test_per_model_overrides():
+    args = {"hidden_size": 32, "num_heads": 2, "veloxseg:num_heads": [1, 2, 2], "unetr:num_heads": 4}
+    assert _model_overrides("unetr", args) == {"hidden_size": 32, "num_heads": 4}
+    assert _model_overrides("veloxseg", args)["num_heads"] == [1, 2, 2]
+    assert "hidden_size" not in _model_overrides("veloxseg", args)
+    assert _unused_model_args(["unetr", "veloxseg"], args) == []
+    assert _unused_model_args(["unetr"], args) == ["veloxseg:num_heads"]
+    assert _unused_model_args(["unetr"], {"unetr:no_such_arg": 1}) == ["unetr:no_such_arg"]

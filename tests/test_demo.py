@@ -26,6 +26,7 @@ from sparseseg.demo_data import (
     split_anterior,
 )
 from sparseseg.demo_report import policy_summary
+from sparseseg.errors import InputError
 
 
 @pytest.fixture
@@ -107,6 +108,12 @@ def test_settings_follow_the_flags():
     quick = demo_settings(True, None, 0.5, 1, "cpu")
     assert "time_budget" not in quick.train and quick.sparse_args["prune_ratio"] == 0.5
     assert demo_settings(True, 0.05, 0.75, 0, "cpu").train["time_budget"] == 3.0
+    assert full.models == ("unetr", "stp_mta_unetr") and full.args_of("stp_mta_unetr")["prune_ratio"] == 0.75
+    velox = demo_settings(False, None, 0.75, 0, "cpu", model="veloxseg")
+    assert velox.models == ("unetr", "veloxseg") and velox.args_of("veloxseg")["channels"] == [16, 32, 64]
+    assert "hidden_size" in velox.args_of("unetr") and "prune_ratio" not in velox.args_of("unetr")
+    with pytest.raises(InputError, match="--model"):
+        demo_settings(False, None, 0.75, 0, "cpu", model="resnet")
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -137,3 +144,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert set(summary["inference_seconds"]) == {"unetr", "stp_mta_unetr"}
     assert all(v > 0 for v in summary["inference_seconds"].values())
     assert "report.md" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_demo_with_veloxseg(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", "veloxseg", "--output", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for row in ("dense UNETR vs VeloxSeg", "| UNETR (dense) |", "| VeloxSeg |", "| intensity threshold |"):
+        assert row in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean_dice"]) == {"unetr", "veloxseg", "threshold"}
+    assert (out / "curves.png").exists() and not (out / "policy.png").exists()

@@ -119,8 +119,24 @@ def _prune_ratio(name: str, model: nn.Module) -> float | None:
 
 
 def _model_overrides(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """The overrides ``name`` takes: plain keys it accepts, then its own ``name:key`` keys (which win)."""
     valid = set(model_arguments(name))
-    return {k: v for k, v in model_args.items() if k in valid}
+    shared = {k: v for k, v in model_args.items() if ":" not in k and k in valid}
+    own = {k.partition(":")[2]: v for k, v in model_args.items() if k.partition(":")[0] == name}
+    return {**shared, **own}
+
+
+def _unused_model_args(models: Sequence[str], model_args: dict[str, Any]) -> list[str]:
+    """Keys no benchmarked model takes: a plain key no model accepts, or ``model:key`` for a model not in the run
+    or a key that model does not accept."""
+    unused = []
+    for key in model_args:
+        name, sep, arg = key.partition(":")
+        ok = (name in models and arg in model_arguments(name)) if sep else any(
+            key in model_arguments(m) for m in models)
+        if not ok:
+            unused.append(key)
+    return sorted(unused)
 
 
 def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequence[float] | None,
@@ -132,7 +148,7 @@ def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequ
     for r in prune_ratios or []:
         if not 0.0 <= r < 1.0:
             raise InputError(f"prune ratio must be in [0, 1), got {r}")
-    unused = sorted(k for k in model_args if not any(k in model_arguments(m) for m in models))
+    unused = _unused_model_args(models, model_args)
     if unused:
         raise InputError(f"no benchmarked model accepts the model argument(s) {unused}")
     if batch_size < 1 or warmup < 0 or repeats < 1:
@@ -312,7 +328,8 @@ def benchmark(
         batch_size: images per forward pass; throughputs are images per second.
         warmup, repeats: untimed and timed calls of each measurement.
         train: also time training steps (forward with the target + loss + backward + AdamW step).
-        model_args: constructor overrides, passed to every model that accepts the key.
+        model_args: constructor overrides, passed to every model that accepts the key; a ``MODEL:KEY`` key goes
+            to that model only and wins over a plain ``KEY``.
         baseline: the dense model every ratio refers to; None disables the ratios.
         memory: measure peak memory (a child process per model on CPU).
         profile: add ``profile_s``, the seconds per part of one profiled forward pass

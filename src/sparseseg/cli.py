@@ -167,7 +167,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="also profile one forward pass: seconds in encoder blocks, scorers, gather/scatter, "
                         "completion, decoder")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="model constructor argument (repeatable), given to every model that accepts it")
+                   help="model constructor argument (repeatable), given to every model that accepts it; "
+                        "MODEL:KEY=VALUE gives it to MODEL only")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records as JSON")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write throughput and G MACs vs prune ratio (PNG)")
@@ -263,9 +264,9 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, run and score unetr and stp_mta_unetr on the ICBM152 brain template",
                        description="Builds a tissue-segmentation dataset from the ICBM152 2009 template shipped with "
-                                   "nilearn, trains the dense and the token-pruning model with the same time budget, "
-                                   "predicts a held-out anterior block, times CPU inference and writes "
-                                   "OUTPUT/report.md; see docs/demo.md.")
+                                   "nilearn, trains the dense unetr and the token-pruning stp_mta_unetr (or the "
+                                   "--model given) with the same time budget, predicts a held-out anterior block, "
+                                   "times CPU inference and writes OUTPUT/report.md; see docs/demo.md.")
     p.add_argument("--output", default="sparseseg_demo", help="output folder (default ./sparseseg_demo)")
     p.add_argument("--quick", action="store_true",
                    help="a short end-to-end check: 4 mm template, tiny models, 3 training steps")
@@ -273,13 +274,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="training time per model in minutes (both train at once; default 6; --quick: 3 steps)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--prune-ratio", type=float, default=0.75, help="pruning ratio of stp_mta_unetr (default 0.75)")
+    p.add_argument("--model", default="stp_mta_unetr", choices=["stp_mta_unetr", "veloxseg", "tokenseg"],
+                   help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.demo import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model)
         sys.stdout.write(f"wrote {report}\n")
         return 0
 

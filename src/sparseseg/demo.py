@@ -1,4 +1,5 @@
-"""``sparseseg demo``: the dense ``unetr`` against ``stp_mta_unetr`` on real anatomy, end to end, on a small CPU.
+"""``sparseseg demo``: the dense ``unetr`` against ``stp_mta_unetr`` (or, with ``--model``, ``veloxseg`` or
+``tokenseg``) on real anatomy, end to end, on a small CPU.
 
 Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :func:`~sparseseg.inference.predict`,
 :func:`~sparseseg.metrics.evaluate`, :func:`~sparseseg.benchmark.benchmark`):
@@ -12,7 +13,8 @@ Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :fun
 4. score both and a per-voxel intensity threshold fitted on the training case (these tissue labels are nearly
    thresholds, so it is the reference line any model must be read against);
 5. time each model's inference over the whole test block in this process, one after the other;
-6. benchmark one ROI of each model, draw the overlay, policy and curve pictures, and write ``OUTPUT/report.md``.
+6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only) and curve pictures, and
+   write ``OUTPUT/report.md``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,19 @@ from sparseseg.demo_data import AP_AXIS, TEST_CASE, TRAIN_CASE, build_dataset, r
 from sparseseg.errors import InputError, SparsesegError
 
 log = logging.getLogger(__name__)
-MODELS = ("unetr", "stp_mta_unetr")
+COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
+# Own arguments of the other compared models at the demo's sizes (the data fills in channels and img_size).
+# VeloxSeg: the first three stages of the authors' configuration (48^3 crops leave a 3^3 map at the third stage,
+# too small for a fourth); quick: half the channels and window ratio 2 for the 32^3 crops.
+OTHER_ARGS = {
+    "full": {"veloxseg": {"channels": [16, 32, 64], "num_heads": [1, 2, 2], "head_dim": [4, 8, 8],
+                          "group_channels": [4, 8, 8], "ffn_expansion": [3, 3, 2]},
+             "tokenseg": {}},
+    "quick": {"veloxseg": {"channels": [8, 16, 32], "num_heads": [1, 2, 2], "head_dim": [4, 4, 8],
+                           "group_channels": [4, 4, 8], "ffn_expansion": [2, 2, 2], "window_ratio": 2},
+              "tokenseg": {"feature_size": 4, "token_size": 32, "num_candidates": 24, "num_keep": 12,
+                           "codebook_size": 64, "mixer_depth": 1, "num_heads": 2}},
+}
 
 
 @dataclass
@@ -48,19 +62,37 @@ class DemoSettings:
 
     resolution: int  # mm per voxel of the template
     roi: int  # training crop and sliding window side
-    model_args: dict[str, Any]  # shared by both models
+    model_args: dict[str, Any]  # shared by unetr and stp_mta_unetr
     dense_args: dict[str, Any]  # unetr only
     sparse_args: dict[str, Any]  # stp_mta_unetr only
+    model: str = "stp_mta_unetr"  # the model set beside unetr
+    other_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # veloxseg / tokenseg arguments
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     timing_repeats: int = 3
     benchmark_repeats: int = 3
     benchmark_memory: bool = True
     warmup: bool = True  # one untimed run before timing (inference and benchmark)
 
+    @property
+    def models(self) -> tuple[str, str]:
+        """The dense baseline and the compared model, in that order."""
+        return ("unetr", self.model)
 
-def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str) -> DemoSettings:
+    def args_of(self, name: str) -> dict[str, Any]:
+        """Constructor arguments of ``name`` in this demo (the data fills in channels and ``img_size``)."""
+        if name == "unetr":
+            return {**self.model_args, **self.dense_args}
+        if name == "stp_mta_unetr":
+            return {**self.model_args, **self.sparse_args}
+        return dict(self.other_args[name])
+
+
+def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
+                  model: str = "stp_mta_unetr") -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
-    quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs)."""
+    quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr."""
+    if model not in COMPARED:
+        raise InputError(f"--model must be one of {', '.join(COMPARED)}, got {model!r}")
     train = {"batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
     if quick:
@@ -90,17 +122,17 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
         if quick:
             s.train.update(epochs=100_000, iters_per_epoch=3)
     s.train["roi_size"] = [s.roi] * 3
+    s.model = model
+    s.other_args = OTHER_ARGS["quick" if quick else "full"]
     return s
 
 
 def _train_commands(data: Path, out: Path, s: DemoSettings) -> dict[str, tuple[list[str], Path]]:
     """One ``sparseseg train --config`` command per model; its YAML config is written under ``OUT/runs``."""
     cmds = {}
-    for name in MODELS:
+    for name in s.models:
         run_dir = out / "runs" / name
-        extra = s.dense_args if name == "unetr" else s.sparse_args
-        cfg = {"dataset": str(data), "model": name, "output": str(run_dir), **s.train,
-               "model_args": {**s.model_args, **extra}}
+        cfg = {"dataset": str(data), "model": name, "output": str(run_dir), **s.train, "model_args": s.args_of(name)}
         cfg_path = out / "runs" / f"{name}.yaml"
         atomic_write(cfg_path, lambda tmp, cfg=cfg: tmp.write_text(yaml.safe_dump(cfg, sort_keys=False)))
         cmds[name] = ([sys.executable, "-m", "sparseseg", "train", "--config", str(cfg_path)], run_dir)
@@ -111,7 +143,7 @@ def train_concurrently(data: Path, out: Path, s: DemoSettings) -> dict[str, Path
     """Train both models at once in child processes sharing the CPU threads equally; returns their checkpoints.
 
     A child that fails stops the other and raises SparsesegError with the end of its log."""
-    threads = max(1, (os.cpu_count() or 2) // len(MODELS))
+    threads = max(1, (os.cpu_count() or 2) // len(s.models))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
     budget = s.train.get("time_budget")
@@ -250,7 +282,7 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
-             device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0) -> Path:
+             device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr") -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo_report import make_pictures, run_benchmark, score, write_report
 
@@ -264,7 +296,7 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()

@@ -16,7 +16,8 @@ from sparseseg.data.io import atomic_write
 from sparseseg.demo_data import AP_AXIS, CLASS_NAMES, TEST_CASE
 
 log = logging.getLogger(__name__)
-LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "threshold": "intensity threshold"}
+LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "veloxseg": "VeloxSeg",
+          "tokenseg": "TokenSeg", "threshold": "intensity threshold"}
 
 
 def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -30,13 +31,14 @@ def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[st
 
 def run_benchmark(s, device: str) -> list[dict[str, Any]]:
     """:func:`sparseseg.benchmark.benchmark` of the two demo models on one ROI crop (the dense model is the
-    baseline of the speed-up)."""
+    baseline of the speed-up); each model gets its own arguments (``MODEL:KEY`` overrides)."""
     from sparseseg.benchmark import benchmark
 
-    args = {**s.model_args, **s.dense_args, **s.sparse_args, "in_channels": 1, "out_channels": len(CLASS_NAMES),
-            "img_size": s.roi}
-    ratio = args.pop("prune_ratio")
-    return benchmark(["unetr", "stp_mta_unetr"], None, [ratio], device=device, repeats=s.benchmark_repeats,
+    args: dict[str, Any] = {"in_channels": 1, "out_channels": len(CLASS_NAMES), "img_size": s.roi}
+    for name in s.models:
+        args.update({f"{name}:{k}": v for k, v in s.args_of(name).items() if k != "prune_ratio"})
+    ratios = [s.sparse_args["prune_ratio"]] if s.model == "stp_mta_unetr" else None
+    return benchmark(list(s.models), None, ratios, device=device, repeats=s.benchmark_repeats,
                      warmup=int(s.warmup), model_args=args, memory=s.benchmark_memory)
 
 
@@ -65,7 +67,8 @@ def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, levels
 def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padded: Path, pad: int, s
                   ) -> dict[str, Any]:
     """``overlay.png`` (coronal slices of the test block: image, reference, both models), ``policy.png`` (the
-    sparse model's pruning depths over the padded test block) and ``curves.png`` (both training logs)."""
+    token-pruning model's pruning depths over the padded test block; only when ``stp_mta_unetr`` is in the run)
+    and ``curves.png`` (both training logs)."""
     from sparseseg.policy import model_patch_size, policy_levels, policy_map
     from sparseseg.training.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.visualize import pick_slices, plot_curves, plot_overlay, plot_policy
@@ -81,6 +84,10 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
     pics["overlay_axial"] = plot_overlay(image, label, preds, output=out / "overlay_axial.png",
                                          class_names=CLASS_NAMES, axis=2,
                                          title="held-out anterior block, axial slices (cut face at the bottom)")
+    pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
+                                 labels=[LABELS[n] for n in checkpoints])
+    if "stp_mta_unetr" not in checkpoints:
+        return pics
     ckpt = load_checkpoint(checkpoints["stp_mta_unetr"])
     model = model_from_checkpoint(ckpt).eval()
     pimg = _load(padded).astype(np.float32)
@@ -95,8 +102,6 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
                                        num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2,
                                        title=f"axial slices; the bottom {pad} rows replicate the cut face")
     pics["policy_stats"] = policy_summary(depth, plabel, p, levels)
-    pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
-                                 labels=[LABELS[n] for n in checkpoints])
     return pics
 
 
@@ -125,11 +130,10 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
     from sparseseg.benchmark_report import markdown_table
 
     s = info["settings"]
-    ps = pictures["policy_stats"]
     budget = s.train.get("time_budget")
     steps = {n: _last_iteration(out / "runs" / n / "log.csv") for n in info["checkpoints"]}
     lines = [
-        f"# sparseseg demo{' (quick)' if info['quick'] else ''}: dense UNETR vs STP + MTA + UNETR on ICBM152",
+        f"# sparseseg demo{' (quick)' if info['quick'] else ''}: dense UNETR vs {LABELS[s.model]} on ICBM152",
         "",
         f"Total wall time **{info['total_seconds'] / 60:.1f} min** ({info['total_seconds']:.0f} s), of which "
         f"training {info['train_seconds']:.0f} s; device `{info['device']}`, {info['threads']} inference thread(s), "
@@ -153,8 +157,7 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
         f"part, test = the anterior 30 % of the brain (`data/dataset.json`, `data/labelsTs`).",
         f"* models: patch {s.model_args['patch_size']}, ViT dim {s.model_args['hidden_size']} x "
         f"{s.model_args['num_layers']} blocks, decoder `{s.model_args['decoder']}` (feature size "
-        f"{s.model_args['feature_size']}); sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
-        f"{s.sparse_args['prune_after']}.",
+        f"{s.model_args['feature_size']}); " + _compared_line(s),
         f"* training: same seed ({s.train['seed']}), {s.roi}^3 crops, batch {s.train['batch_size']}, AdamW lr "
         f"{s.train['lr']}, warm-up {s.train['warmup_fraction']:.0%} then cosine"
         + (f" tied to a {budget:.0f} s budget per model" if budget else f", {s.train['epochs']} x "
@@ -168,6 +171,34 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
         "",
         "![overlay, axial](overlay_axial.png)",
         "",
+        *_policy_lines(pictures),
+        "![training curves](curves.png)",
+        "",
+        "## Benchmark (one ROI crop, `sparseseg.benchmark`)",
+        "",
+        markdown_table(records),
+        _speed_note(records),
+    ]
+    path = out / "report.md"
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _compared_line(s) -> str:
+    """The settings of the model set beside unetr, for the report's setup list."""
+    if s.model == "stp_mta_unetr":
+        return (f"sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
+                f"{s.sparse_args['prune_after']}.")
+    own = s.args_of(s.model)
+    return f"{LABELS[s.model]}: " + (", ".join(f"{k} {v}" for k, v in own.items()) or "default arguments") + "."
+
+
+def _policy_lines(pictures: dict[str, Any]) -> list[str]:
+    """The policy pictures and their reading, when the run has a token-pruning model."""
+    ps = pictures.get("policy_stats")
+    if ps is None:
+        return []
+    return [
         "Pruning policy of STP + MTA + UNETR over the padded test block (no red: dropped by the first stage; "
         "darkest red: kept to the last block). "
         f"Brain patches (at least half inside the brain mask) are {ps['brain_share_all']:.0%} of the "
@@ -181,24 +212,19 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
         "",
         "![policy, axial](policy_axial.png)",
         "",
-        "![training curves](curves.png)",
-        "",
-        "## Benchmark (one ROI crop, `sparseseg.benchmark`)",
-        "",
-        markdown_table(records),
-        _speed_note(records),
     ]
-    path = out / "report.md"
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    return path
 
 
 def _speed_note(records: list[dict[str, Any]]) -> str:
-    """One sentence on where the time goes, from the benchmark records (dense first, then sparse)."""
-    dense = next((r for r in records if r["prune_ratio"] is None), None)
-    sparse = next((r for r in records if r["prune_ratio"] is not None), None)
-    if dense is None or sparse is None:
+    """One sentence on where the time goes, from the benchmark records (dense first, then the other model)."""
+    if len(records) < 2:
         return ""
+    dense, other = records[0], records[1]
+    if other["prune_ratio"] is None:
+        return (f"\nPer crop {LABELS.get(other['model'], other['model'])} needs {other['gmacs']:.2f} G MACs and "
+                f"the dense UNETR {dense['gmacs']:.2f}. Measured here: end to end "
+                f"{_fmt(other.get('speedup'), 2)}x.\n")
+    sparse = other
     return (f"\nPer crop the sparse model needs {sparse['gmacs']:.2f} G MACs and the dense one "
             f"{dense['gmacs']:.2f}: at this size most of the work is the full-resolution convolutions of the "
             f"decoder, which pruning {100 * sparse['prune_ratio']:.0f} % of the tokens does not touch. Measured "
