@@ -27,6 +27,7 @@ MONAI's ``InstanceNorm3d``, with fast channels-last kernels). Measured at the br
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -69,7 +70,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if eager_cpu(x) else x
 
 
-class UnetrDecoder(nn.Module):
+class UnetrDecoder(nn.Module, abc.ABC):
     """Shared head: ``encoder1`` on the image and the 1x1x1 output block."""
 
     num_skips: int
@@ -87,8 +88,9 @@ class UnetrDecoder(nn.Module):
         logits = self._decode(_channels_last(x), [_channels_last(s) for s in skips], _channels_last(bottleneck))
         return logits.contiguous()
 
+    @abc.abstractmethod
     def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The decoder proper, on channels-last maps on the CPU (each subclass wires its own blocks)."""
 
 
 class OriginalDecoder(UnetrDecoder):
