@@ -114,6 +114,9 @@ def test_settings_follow_the_flags():
     assert "hidden_size" in velox.args_of("unetr") and "prune_ratio" not in velox.args_of("unetr")
     with pytest.raises(InputError, match="--model"):
         demo_settings(False, None, 0.75, 0, "cpu", model="resnet")
+    assert demo_settings(False, None, 0.75, 0, "cpu", lr=1e-3).train["lr"] == 1e-3 == full.train["lr"] / 3
+    with pytest.raises(InputError, match="--lr"):
+        demo_settings(False, None, 0.75, 0, "cpu", lr=0.0)
 
 
 def _png_size(path) -> tuple[int, int]:

@@ -278,13 +278,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-ratio", type=float, default=0.75, help="pruning ratio of stp_mta_unetr (default 0.75)")
     p.add_argument("--model", default="stp_mta_unetr", choices=["stp_mta_unetr", "veloxseg", "tokenseg"],
                    help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both models (default 3e-3)")
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.demo import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
         sys.stdout.write(f"wrote {report}\n")
         return 0
 

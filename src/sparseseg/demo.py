@@ -88,12 +88,15 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
-                  model: str = "stp_mta_unetr") -> DemoSettings:
+                  model: str = "stp_mta_unetr", lr: float = 3e-3) -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
-    quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr."""
+    quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr;
+    ``lr`` is the peak learning rate of both."""
     if model not in COMPARED:
         raise InputError(f"--model must be one of {', '.join(COMPARED)}, got {model!r}")
-    train = {"batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
+    if not lr > 0:
+        raise InputError(f"--lr must be > 0, got {lr}")
+    train = {"batch_size": 2, "lr": lr, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
     if quick:
         s = DemoSettings(
@@ -282,7 +285,8 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
-             device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr") -> Path:
+             device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr",
+             lr: float = 3e-3) -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo_report import make_pictures, run_benchmark, score, write_report
 
@@ -296,7 +300,7 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device, model)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()
