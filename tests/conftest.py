@@ -112,6 +112,18 @@ if "tiny_seg" not in list_models():
     register_model("tiny_seg", presets={})(TinySeg)
 
 
+def tiny_checkpoint(path: Path, in_channels: int = 1) -> Path:
+    """An untrained ``tiny_seg`` checkpoint with 3 classes and 8^3 crops, written to ``path`` (for input checks)."""
+    from sparseseg.data.transforms import DataConfig
+    from sparseseg.models.registry import create_model
+    from sparseseg.training.checkpoint import save_checkpoint
+
+    model = create_model("tiny_seg", in_channels=in_channels, out_channels=3, feature_size=4)
+    data = DataConfig(in_channels=in_channels, label_values=[0, 1, 2], class_names=["bg", "a", "b"],
+                      roi_size=[8, 8, 8])
+    return save_checkpoint(path, model, data.to_dict())
+
+
 @pytest.fixture
 def msd_dataset(tmp_path: Path) -> Path:
     return write_msd_dataset(tmp_path / "Task00_Synthetic")

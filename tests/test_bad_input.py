@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_AFFINE, save, synthetic_case, write_msd_dataset
+from conftest import TEST_AFFINE, save, synthetic_case, tiny_checkpoint, write_msd_dataset
 from sparseseg.cli import main
-from sparseseg.data.transforms import DataConfig
-from sparseseg.models.registry import create_model
-from sparseseg.training.checkpoint import save_checkpoint
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> None:
@@ -92,9 +89,7 @@ def test_unknown_model_and_bad_config(capsys, dataset, tmp_path):
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
     """A two-channel checkpoint (untrained weights: only the input checks run)."""
-    model = create_model("tiny_seg", in_channels=2, out_channels=3, feature_size=4)
-    data = DataConfig(in_channels=2, label_values=[0, 1, 2], class_names=["bg", "a", "b"], roi_size=[8, 8, 8])
-    return save_checkpoint(tmp_path / "ckpt" / "best.pt", model, data.to_dict())
+    return tiny_checkpoint(tmp_path / "ckpt" / "best.pt", in_channels=2)
 
 
 def _images(folder: Path, channels: int) -> Path:

@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_AFFINE, save, synthetic_case, write_msd_dataset
+from conftest import TEST_AFFINE, save, synthetic_case, tiny_checkpoint, write_msd_dataset
 from sparseseg.cli import main
-from sparseseg.data.transforms import DataConfig
 from sparseseg.inference import _stitch_device
-from sparseseg.models.registry import create_model
-from sparseseg.training.checkpoint import save_checkpoint
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:
@@ -49,9 +46,7 @@ def _train_fails(capsys, dataset: Path, tmp_path: Path, *needles: str, output: P
 
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
-    model = create_model("tiny_seg", in_channels=1, out_channels=3, feature_size=4)
-    data = DataConfig(in_channels=1, label_values=[0, 1, 2], class_names=["bg", "a", "b"], roi_size=[8, 8, 8])
-    return save_checkpoint(tmp_path / "ckpt" / "best.pt", model, data.to_dict())
+    return tiny_checkpoint(tmp_path / "ckpt" / "best.pt")
 
 
 def _predict_fails(capsys, checkpoint: Path, inputs: Path, tmp_path: Path, *needles: str) -> None:
