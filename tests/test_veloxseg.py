@@ -9,6 +9,7 @@ from sparseseg.models.sdkt import gram_matrix
 from sparseseg.models.velox_blocks import (
     ModalLayerNorm,
     PairedWindowAttention,
+    max_pool_pyramid,
     num_pwa_scales,
     paired_windows,
     pixel_shuffle_3d,
@@ -67,6 +68,28 @@ def test_pixel_shuffle_3d_places_subvoxels():
     assert y.shape == (1, 2, 6, 8, 10)
     for c, i, j, k, d, h, w in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 0, 1, 2, 3, 4), (0, 1, 1, 0, 1, 2, 3)]:
         assert y[0, c, d * r + i, h * r + j, w * r + k] == x[0, c * r**3 + i * r * r + j * r + k, d, h, w]
+
+
+@pytest.mark.parametrize("windows", [[(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)], [(2, 2, 1), (3, 4, 2), (6, 8, 8)]])
+def test_max_pool_pyramid_equals_direct_pooling(windows):
+    x = torch.randn(2, 5, 24, 24, 16, requires_grad=True)
+    maps = max_pool_pyramid(x, windows)
+    for window, pooled in zip(windows, maps, strict=True):
+        direct = torch.nn.functional.max_pool3d(x, window, window)
+        assert pooled.is_contiguous() and torch.equal(pooled, direct)
+    sum(m.sum() for m in maps).backward()
+    expected = torch.autograd.grad(sum(torch.nn.functional.max_pool3d(x, w, w).sum() for w in windows), x)[0]
+    assert torch.equal(x.grad, expected)
+
+
+def test_stem_stride_sets_stems_and_head():
+    model = tiny(img_size=24, stem_stride=2, channels=(8, 16, 32), num_heads=(1, 2, 2), head_dim=(4, 8, 8),
+                 group_channels=(4, 8, 8)).eval()
+    assert model.conv_stem.kernel_size == (3, 3, 3) and model.conv_stem.stride == (2, 2, 2)
+    assert [f.shape[2] for f in model.forward_encoder(torch.randn(1, 2, 24, 24, 24))] == [12, 6, 3]
+    assert model(torch.randn(1, 2, 24, 24, 24)).shape == (1, 3, 24, 24, 24)
+    with pytest.raises(ValueError, match="stem_stride"):
+        tiny(stem_stride=0)
 
 
 def test_modal_layer_norm_normalises_each_modality_token():

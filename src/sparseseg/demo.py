@@ -43,11 +43,11 @@ from sparseseg.errors import InputError, SparsesegError
 log = logging.getLogger(__name__)
 COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
 # Own arguments of the other compared models at the demo's sizes (the data fills in channels and img_size).
-# VeloxSeg: the first three stages of the authors' configuration (48^3 crops leave a 3^3 map at the third stage,
-# too small for a fourth); quick: half the channels and window ratio 2 for the 32^3 crops.
+# VeloxSeg: the authors' configuration with a stride-2 stem (at 2 mm their stride-4 stem leaves 8 mm features and
+# a 4x pixel-shuffle head: thin CSF is lost, docs/veloxseg.md), as UNETR here takes patch 8 instead of 16; 48^3 crops
+# give 24, 12, 6, 3 maps. Quick: three stages, half the channels, stride 4, window ratio 2 for the 32^3 crops.
 OTHER_ARGS = {
-    "full": {"veloxseg": {"channels": [16, 32, 64], "num_heads": [1, 2, 2], "head_dim": [4, 8, 8],
-                          "group_channels": [4, 8, 8], "ffn_expansion": [3, 3, 2]},
+    "full": {"veloxseg": {"stem_stride": 2},
              "tokenseg": {}},
     "quick": {"veloxseg": {"channels": [8, 16, 32], "num_heads": [1, 2, 2], "head_dim": [4, 4, 8],
                            "group_channels": [4, 4, 8], "ffn_expansion": [2, 2, 2], "window_ratio": 2},

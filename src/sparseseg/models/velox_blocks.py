@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.conv import Conv3d
+from sparseseg.models.conv import Conv3d, eager_cpu
 
 Size3 = tuple[int, int, int]
 
@@ -52,6 +52,28 @@ def window_reverse(windows: torch.Tensor, window: Size3, spatial: Size3) -> torc
     x = windows.view(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)  # [B, nD, nH, nW, wd, wh, ww, C]
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, nD, wd, nH, wh, nW, ww]
     return x.reshape(-1, c, d, h, w)  # [B, C, D, H, W]
+
+
+def max_pool_pyramid(x: torch.Tensor, windows: Sequence[Size3]) -> list[torch.Tensor]:
+    """``F.max_pool3d(x, w, w)`` for every window ``w`` (non-overlapping max pooling), each map pooled from the
+    previous one where that window nests in the current one (the max of maxima is the max).
+
+    On eager CPU the pooling runs channels-last: PyTorch's channels-first CPU kernel is ~10x slower there (a
+    ``[1, 32, 24^3]`` map by 2: 1.9 ms against 0.12 ms plus a 0.25 ms layout copy, one thread).
+    """
+    maps, prev, prev_window = [], x, (1, 1, 1)
+    for window in windows:
+        if all(w % p == 0 for w, p in zip(window, prev_window, strict=True)):
+            source, step = prev, tuple(w // p for w, p in zip(window, prev_window, strict=True))
+        else:
+            source, step = x, tuple(window)
+        if step != (1, 1, 1):
+            if eager_cpu(source):
+                source = source.contiguous(memory_format=torch.channels_last_3d)
+            source = F.max_pool3d(source, step, step).contiguous()
+        maps.append(source)
+        prev, prev_window = source, tuple(window)
+    return maps
 
 
 def _tiles(side: int, window: int) -> bool:
@@ -178,8 +200,8 @@ class PairedWindowAttention(nn.Module):
         m, h, hd, r3 = self.num_modalities, self.num_heads, self.head_dim, self.ratio**3
         pairs = paired_windows(spatial, self.num_scales, self.ratio)
         queries, keys, values, layouts = [], [], [], []
-        for (_, small), qkv in zip(pairs, self.qkv, strict=True):
-            pooled = F.max_pool3d(x, small, small) if small != (1, 1, 1) else x  # [B, M*C, P1, P2, P3]
+        pooled_maps = max_pool_pyramid(x, [small for _, small in pairs])  # [B, M*C, P1, P2, P3] per scale
+        for (_, small), pooled, qkv in zip(pairs, pooled_maps, self.qkv, strict=True):
             t = window_partition(qkv(pooled), (self.ratio,) * 3)  # [B*nW, r^3, M*3*h*hd]
             t = t.view(t.shape[0], r3, m, 3, h, hd).permute(3, 0, 4, 2, 1, 5)  # [3, B*nW, h, M, r^3, hd]
             t = t.reshape(3, -1, h, m * r3, hd)  # [3, B*nW, h, M*r^3, hd]

@@ -3,7 +3,7 @@ spatially decoupled knowledge transfer (SDKT). See ``docs/veloxseg.md`` for the 
 
 * Encoder (:meth:`VeloxSeg.forward_encoder`): a conv stream (7^3 stride-4 stem, one JLC block per stage) and a
   transformer stream (one 4^3 patch embedding per modality, one PWA block per stage, joint attention across the
-  modalities); at every stage a 1x1 conv + InstanceNorm mixer adds the transformer features into the conv
+  modalities); ``stem_stride`` (default 4, the authors' value) sets both stems and the head; at every stage a 1x1 conv + InstanceNorm mixer adds the transformer features into the conv
   stream; both streams are downsampled 2x between stages.
 * Decoder: transposed-conv upsampling, additive skips, one JLC block per level, a 3^3 conv + 4x pixel-shuffle
   head back to the input resolution, 1x1 deep-supervision heads on the lower levels (training only).
@@ -25,7 +25,7 @@ from sparseseg.models.registry import register_model
 from sparseseg.models.sdkt import gram_matrix, sdkt_losses
 from sparseseg.models.velox_blocks import JLC, PWABlock, num_pwa_scales, paired_windows, pixel_shuffle_3d
 
-STEM_STRIDE = 4
+STEM_STRIDE = 4  # the authors' stem: 7^3 stride 4 (conv stream), 4^3 patches (token stream), 4x pixel-shuffle head
 
 
 def _as_size3(size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -46,18 +46,24 @@ class VeloxDecoder(nn.Module):
     """Transposed-conv up, additive skip, JLC per level, 3^3 conv + pixel-shuffle head.
 
     ``forward(skips)`` takes the stage features finest first (``skips[s]``: ``[B, C_s, D_s, H_s, W_s]``) and returns
-    ``(logits [B, out_channels, D_0 * 4, ...], levels)`` with ``levels[s]`` the decoder feature at stage ``s``,
+    ``(logits [B, out_channels, D_0 * stem_stride, ...], levels)`` with ``levels[s]`` the decoder feature at stage ``s``,
     finest first, for ``s < num_stages - 1``.
     """
 
     def __init__(
-        self, channels: Sequence[int], group_channels: Sequence[int], expansion: Sequence[int], out_channels: int
+        self,
+        channels: Sequence[int],
+        group_channels: Sequence[int],
+        expansion: Sequence[int],
+        out_channels: int,
+        stem_stride: int = STEM_STRIDE,
     ) -> None:
         super().__init__()
         n = len(channels)
+        self.stem_stride = stem_stride
         self.ups = nn.ModuleList(nn.ConvTranspose3d(channels[s + 1], channels[s], 2, stride=2) for s in range(n - 1))
         self.blocks = nn.ModuleList(JLC(channels[s], group_channels[s], expansion[s]) for s in range(n - 1))
-        self.head = Conv3d(channels[0], out_channels * STEM_STRIDE**3, 3, padding=1)
+        self.head = Conv3d(channels[0], out_channels * stem_stride**3, 3, padding=1)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = skips[-1]
@@ -66,7 +72,7 @@ class VeloxDecoder(nn.Module):
             x = self.blocks[s](self.ups[s](x) + skips[s])  # [B, C_s, D_s, H_s, W_s]
             levels.insert(0, x)
         head_in = levels[0] if levels else x
-        return pixel_shuffle_3d(self.head(head_in), STEM_STRIDE), levels  # [B, out, D_0*4, H_0*4, W_0*4]
+        return pixel_shuffle_3d(self.head(head_in), self.stem_stride), levels  # [B, out, D_0*r, H_0*r, W_0*r]
 
 
 class VeloxSeg(nn.Module):
@@ -86,6 +92,8 @@ class VeloxSeg(nn.Module):
         deep_supervision: return lower-resolution logits in training.
         sdkt: build the reconstruction decoders and return the SDKT losses in training.
         recon_weight / gram_weight: weights of the reconstruction and Gram-matching losses.
+        stem_stride: downsampling of the stems and upsampling of the pixel-shuffle head (authors: 4; the conv
+            stem's kernel is ``2 * stem_stride - 1``). 2 keeps thin structures of coarse (2 mm) scans.
 
     Examples:
         >>> model = VeloxSeg(in_channels=2, out_channels=2, img_size=96, modalities=(1, 1))
@@ -110,8 +118,11 @@ class VeloxSeg(nn.Module):
         sdkt: bool = True,
         recon_weight: float = 0.5,
         gram_weight: float = 2.0,
+        stem_stride: int = STEM_STRIDE,
     ) -> None:
         super().__init__()
+        if stem_stride < 1:
+            raise ValueError(f"stem_stride must be >= 1, got {stem_stride}")
         modalities = tuple(modalities) if modalities is not None else (in_channels,)
         if sum(modalities) != in_channels or min(modalities) < 1:
             raise ValueError(f"modalities {modalities} must be positive and sum to in_channels={in_channels}")
@@ -125,11 +136,13 @@ class VeloxSeg(nn.Module):
         self.in_channels, self.out_channels, self.img_size = in_channels, out_channels, _as_size3(img_size)
         self.channels, self.modalities, self.window_ratio = channels, modalities, window_ratio
         self.deep_supervision, self.recon_weight, self.gram_weight = deep_supervision, recon_weight, gram_weight
+        self.stem_stride = stem_stride
         self.num_scales = self._scales_per_stage(self.img_size)
         m = len(modalities)
 
-        self.conv_stem = Conv3d(in_channels, channels[0], 7, stride=STEM_STRIDE, padding=3)
-        self.token_stems = nn.ModuleList(Conv3d(c, channels[0], STEM_STRIDE, stride=STEM_STRIDE) for c in modalities)
+        r = stem_stride
+        self.conv_stem = Conv3d(in_channels, channels[0], 2 * r - 1, stride=r, padding=r - 1)
+        self.token_stems = nn.ModuleList(Conv3d(c, channels[0], r, stride=r) for c in modalities)
         self.conv_blocks = nn.ModuleList(JLC(channels[s], groups[s], expansion[s]) for s in range(n))
         self.token_blocks = nn.ModuleList(
             PWABlock(channels[s], m, self.num_scales[s], heads[s], dims[s], expansion[s], window_ratio)
@@ -146,18 +159,19 @@ class VeloxSeg(nn.Module):
         self.token_downs = nn.ModuleList(
             Conv3d(m * channels[s], m * channels[s + 1], 2, stride=2, groups=m) for s in range(n - 1)
         )
-        self.decoder = VeloxDecoder(channels, groups, expansion, out_channels)
+        self.decoder = VeloxDecoder(channels, groups, expansion, out_channels, r)
         self.ds_heads = nn.ModuleList(Conv3d(channels[s], out_channels, 1) for s in range(n - 1))
         self.reconstruction = nn.ModuleList(
-            VeloxDecoder(channels, groups, expansion, c) for c in (modalities if sdkt else ())
+            VeloxDecoder(channels, groups, expansion, c, r) for c in (modalities if sdkt else ())
         )
 
     def _stage_sizes(self, size: Sequence[int]) -> list[list[int]]:
         """Feature-map size of each stage for an input of ``size``; ValueError when the strides do not divide it."""
-        factor = STEM_STRIDE * 2 ** (len(self.channels) - 1)
+        r = self.stem_stride
+        factor = r * 2 ** (len(self.channels) - 1)
         if any(n % factor for n in size):
-            raise ValueError(f"input size {tuple(size)} must be divisible by {factor} (stem 4 x {factor // 4})")
-        return [[n // (STEM_STRIDE * 2**s) for n in size] for s in range(len(self.channels))]
+            raise ValueError(f"input size {tuple(size)} must be divisible by {factor} (stem {r} x {factor // r})")
+        return [[n // (r * 2**s) for n in size] for s in range(len(self.channels))]
 
     def _scales_per_stage(self, size: Sequence[int]) -> tuple[int, ...]:
         """PWA scales of each stage: windows double until one covers the stage's map (ValueError if none tiles)."""
@@ -176,7 +190,7 @@ class VeloxSeg(nn.Module):
             # The scale count is fixed by img_size; its coarsest scale is global at any input size.
             paired_windows(size, self.num_scales[s], self.window_ratio)  # raises ValueError before any compute
         modal_inputs = x.split(list(self.modalities), dim=1)
-        c = self.conv_stem(x)  # [B, C_0, D/4, H/4, W/4]
+        c = self.conv_stem(x)  # [B, C_0, D/r, H/r, W/r], r = stem_stride
         t = torch.cat([stem(xi) for stem, xi in zip(self.token_stems, modal_inputs, strict=True)], 1)  # [B, M*C_0, ...]
         conv_feats, token_feats = [], []
         for s in range(len(self.channels)):
@@ -189,7 +203,7 @@ class VeloxSeg(nn.Module):
         return conv_feats, token_feats
 
     def forward_encoder(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Dual-stream encoder: the fused features of each stage, finest first (``[B, C_s, D / 2^(s+2), ...]``)."""
+        """Dual-stream encoder: the fused features of each stage, finest first (``[B, C_s, D / (stem_stride * 2^s), ...]``)."""
         return self._encode(x)[0]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
