@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sparseseg.models import create_model
+from sparseseg.models.norms import affine_instance_norm
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.sdkt import gram_matrix
 from sparseseg.models.velox_blocks import (
@@ -80,6 +81,15 @@ def test_max_pool_pyramid_equals_direct_pooling(windows):
     sum(m.sum() for m in maps).backward()
     expected = torch.autograd.grad(sum(torch.nn.functional.max_pool3d(x, w, w).sum() for w in windows), x)[0]
     assert torch.equal(x.grad, expected)
+
+
+def test_affine_instance_norm_matches_instance_norm_and_its_state_dict():
+    reference = torch.nn.InstanceNorm3d(6, affine=True)
+    torch.nn.init.normal_(reference.weight), torch.nn.init.normal_(reference.bias)
+    norm = affine_instance_norm(6)
+    norm.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 6, 5, 4, 3) * 3 + 1
+    torch.testing.assert_close(norm(x), reference(x))
 
 
 def test_stem_stride_sets_stems_and_head():

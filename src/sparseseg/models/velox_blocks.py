@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparseseg.models.conv import Conv3d, eager_cpu
+from sparseseg.models.norms import affine_instance_norm
 
 Size3 = tuple[int, int, int]
 
@@ -156,13 +157,13 @@ class JLC(nn.Module):
         self.branches = nn.ModuleList(
             nn.Sequential(
                 Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
-                nn.InstanceNorm3d(channels, affine=True),
+                affine_instance_norm(channels),
                 nn.GELU(),
             )
             for k in kernels
         )
         self.ffn = nn.Sequential(
-            nn.InstanceNorm3d(channels, affine=True),
+            affine_instance_norm(channels),
             Conv3d(channels, channels * expansion, 1),
             nn.GELU(),
             Conv3d(channels * expansion, channels, 1),

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from sparseseg.models.conv import Conv3d
+from sparseseg.models.norms import affine_instance_norm
 from sparseseg.models.output import SegmentationOutput
 from sparseseg.models.registry import register_model
 from sparseseg.models.sdkt import gram_matrix, sdkt_losses
@@ -149,7 +150,7 @@ class VeloxSeg(nn.Module):
             for s in range(n)
         )
         self.mixers = nn.ModuleList(
-            nn.Sequential(Conv3d(m * channels[s], channels[s], 1), nn.InstanceNorm3d(channels[s], affine=True))
+            nn.Sequential(Conv3d(m * channels[s], channels[s], 1), affine_instance_norm(channels[s]))
             for s in range(n)
         )
         # Conv stream: overlapping kernels (2 * stride - 1, as its 7^3 stride-4 stem); token stream: patch merging.
