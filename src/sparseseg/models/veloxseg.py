@@ -3,8 +3,9 @@ spatially decoupled knowledge transfer (SDKT). See ``docs/veloxseg.md`` for the 
 
 * Encoder (:meth:`VeloxSeg.forward_encoder`): a conv stream (7^3 stride-4 stem, one JLC block per stage) and a
   transformer stream (one 4^3 patch embedding per modality, one PWA block per stage, joint attention across the
-  modalities); ``stem_stride`` (default 4, the authors' value) sets both stems and the head; at every stage a 1x1 conv + InstanceNorm mixer adds the transformer features into the conv
-  stream; both streams are downsampled 2x between stages.
+  modalities); ``stem_stride`` (default 4, the authors' value) sets both stems and the head; at every stage a
+  1x1 conv + InstanceNorm mixer adds the transformer features into the conv stream; both streams are downsampled
+  2x between stages.
 * Decoder: transposed-conv upsampling, additive skips, one JLC block per level, a 3^3 conv + 4x pixel-shuffle
   head back to the input resolution, 1x1 deep-supervision heads on the lower levels (training only).
 * SDKT (training only): one reconstruction decoder per modality, fed by that modality's transformer-stream
@@ -47,8 +48,8 @@ class VeloxDecoder(nn.Module):
     """Transposed-conv up, additive skip, JLC per level, 3^3 conv + pixel-shuffle head.
 
     ``forward(skips)`` takes the stage features finest first (``skips[s]``: ``[B, C_s, D_s, H_s, W_s]``) and returns
-    ``(logits [B, out_channels, D_0 * stem_stride, ...], levels)`` with ``levels[s]`` the decoder feature at stage ``s``,
-    finest first, for ``s < num_stages - 1``.
+    ``(logits [B, out_channels, D_0 * stem_stride, ...], levels)`` with ``levels[s]`` the decoder feature at stage
+    ``s``, finest first, for ``s < num_stages - 1``.
     """
 
     def __init__(
@@ -204,7 +205,8 @@ class VeloxSeg(nn.Module):
         return conv_feats, token_feats
 
     def forward_encoder(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Dual-stream encoder: the fused features of each stage, finest first (``[B, C_s, D / (stem_stride * 2^s), ...]``)."""
+        """Dual-stream encoder: the fused features of each stage, finest first
+        (``[B, C_s, D / (stem_stride * 2^s), ...]``)."""
         return self._encode(x)[0]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
