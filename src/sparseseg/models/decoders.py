@@ -41,27 +41,27 @@ DECODERS = ("original", "v1", "v2")
 DECODER_PATCH = {"original": 16, "v1": 8, "v2": 8}
 
 
-def block_norm(norm_name: str | tuple, channels: int) -> str | tuple:
-    """The MONAI norm spec for a block of ``channels`` channels: ``"instance"`` (without arguments) becomes the
-    equivalent :class:`~sparseseg.models.norms.ChannelInstanceNorm3d`; anything else is passed through."""
+def block_norm(norm_name: str | tuple) -> str | tuple:
+    """The MONAI norm spec of a decoder block: ``"instance"`` (without arguments) becomes the equivalent
+    :class:`~sparseseg.models.norms.ChannelInstanceNorm3d`; anything else is passed through."""
     if norm_name == "instance" or norm_name == ("instance", {}):
         return NORM_NAME
     return norm_name
 
 
 def _basic(cin: int, cout: int, norm_name: str | tuple) -> UnetrBasicBlock:
-    return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=block_norm(norm_name, cout),
+    return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=block_norm(norm_name),
                            res_block=True)
 
 
 def _prup(cin: int, cout: int, num_layer: int, norm_name: str | tuple) -> UnetrPrUpBlock:
     """Transposed-conv upsampling by ``2^(num_layer + 1)`` with residual blocks in between."""
     return UnetrPrUpBlock(3, cin, cout, num_layer=num_layer, kernel_size=3, stride=1, upsample_kernel_size=2,
-                          norm_name=block_norm(norm_name, cout), conv_block=True, res_block=True)
+                          norm_name=block_norm(norm_name), conv_block=True, res_block=True)
 
 
 def _up(cin: int, cout: int, norm_name: str | tuple) -> UnetrUpBlock:
-    return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=block_norm(norm_name, cout),
+    return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=block_norm(norm_name),
                         res_block=True)
 
 
