@@ -150,6 +150,7 @@ def test_percentile():
     ({"models": ["bench_sparse"], "model_args": {"unetr:hidden_size": 32}}, "unetr:hidden_size"),
     ({"models": ["bench_sparse"], "repeats": 0}, "repeats"),
     ({"models": ["bench_sparse"], "device": "cuda:0"}, "cuda"),
+    ({"models": ["bench_sparse"], "device": "cpu", "amp": True}, "CUDA only"),
 ])
 def test_bad_requests(kwargs, message):
     if "cuda" in message and torch.cuda.is_available():

@@ -6,12 +6,16 @@ Every model is built, warmed up and timed in this process on the same seeded inp
 after the other, so that a change of load on a shared machine affects all models of the run alike; training steps
 are timed model by model (only one optimizer state exists at a time). Inference runs under
 ``torch.inference_mode()`` in eval mode; training steps (``train=True``) run forward (with the target) + loss +
-backward + AdamW step in training mode. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``.
+backward + AdamW step in training mode. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``;
+``amp=True`` (CUDA only) runs forward passes under float16 autocast and training steps with a gradient scaler,
+the recipe of ``sparseseg train`` on a GPU; ``cuda_graphs=True`` (CUDA only) times inference as CUDA-graph
+replays (:mod:`sparseseg.cuda_graphs`), without the host's cost of launching every kernel.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the timed runs; on CPU the peak resident set size
-(``ru_maxrss``) of a fresh child process that imports the library, builds only that model and runs one forward
-pass (see :mod:`sparseseg.benchmark_memory`; it includes the interpreter, the libraries and the weights, and the
-import-only footprint is reported beside it).
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the timed runs, less what the other models of the run
+hold, plus the model's own weights and input (the training peak includes its AdamW state); on CPU the peak
+resident set size (``ru_maxrss``) of a fresh child process that imports the library, builds only that model and
+runs one forward pass (see :mod:`sparseseg.benchmark_memory`; it includes the interpreter, the libraries and the
+weights, and the import-only footprint is reported beside it).
 
 The dense baseline of the run is one model name (``unetr`` by default, the paper's dense UNETR with the same
 ViT-B, patch size and decoder); ``speedup``, ``encoder_speedup``, ``train_speedup`` and ``memory_ratio`` of
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -160,21 +165,31 @@ def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequ
             raise InputError(str(err)) from err
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool) -> Callable[[], None]:
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """float16 autocast on CUDA when ``amp`` (the trainer's mixed precision), else a disabled context."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp and device.type == "cuda")
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool,
+                  amp: bool = False) -> Callable[[], None]:
     """One training step of the project's recipe as a closure: forward in training mode with the target, the
-    segmentation loss (+ deep supervision + the model's auxiliary losses), backward, AdamW step."""
+    segmentation loss (+ deep supervision + the model's auxiliary losses), backward, AdamW step; with ``amp``
+    (CUDA) the forward and loss under float16 autocast and the step through a gradient scaler, as in training."""
     from sparseseg.training.losses import SegmentationLoss
     from sparseseg.training.optim import build_optimizer
 
     loss_fn = SegmentationLoss(sigmoid=sigmoid).to(x.device)
     optimizer = build_optimizer(model, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and x.is_cuda)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = model(x, target=y)
-        loss, _ = loss_fn(out, y)
-        loss.backward()
-        optimizer.step()
+        with autocast(x.device, amp):
+            out = model(x, target=y)
+            loss, _ = loss_fn(out, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -220,49 +235,74 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _time_inference(runs: list[_Run], device: torch.device, warmup: int, repeats: int) -> None:
+def _resident_bytes(run: _Run) -> int:
+    """Bytes of the model's weights (buffers included) and its input and target."""
+    tensors = [*run.model.state_dict().values(), run.x, run.y]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _time_inference(runs: list[_Run], device: torch.device, warmup: int, repeats: int, amp: bool = False,
+                    cuda_graphs: bool = False) -> None:
     """Warm every model up, then time them in rounds (each round calls every model once), so that a change of
-    machine load during the run hits all models alike instead of whichever model was running."""
-    has_encoder = [callable(getattr(r.model, "forward_encoder", None)) for r in runs]
-    with torch.inference_mode():
-        for run, enc in zip(runs, has_encoder, strict=True):
-            for _ in range(warmup):
-                run.model(run.x)
-                if enc:
-                    run.model.forward_encoder(run.x)
+    machine load during the run hits all models alike instead of whichever model was running. With
+    ``cuda_graphs`` every forward (and encoder) call replays a CUDA graph captured at the first warm-up call."""
+    from sparseseg.cuda_graphs import GraphedForward
+
+    cuda = device.type == "cuda"
+    graphs = cuda_graphs and cuda
+    with torch.inference_mode(), autocast(device, amp):
+        calls = []
+        for run in runs:
+            encode = getattr(run.model, "forward_encoder", None)
+            encode = encode if callable(encode) else None
+            if graphs:
+                encode = encode and GraphedForward(encode)
+                calls.append((GraphedForward(run.model), encode))
+            else:
+                calls.append((run.model, encode))
+        for run, (forward, encode) in zip(runs, calls, strict=True):
+            if graphs:  # the capture holds the whole pass's memory; replays allocate nothing
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            for _ in range(max(warmup, 1) if graphs else warmup):
+                forward(run.x)
+            if graphs:
+                run.peak_bytes = torch.cuda.max_memory_allocated(device) - before
+            for _ in range(max(warmup, 1) if graphs and encode else warmup if encode else 0):
+                encode(run.x)
         for _ in range(repeats):
-            for run in runs:
-                if device.type == "cuda":  # this model's own peak above what is already resident
+            for run, (forward, _) in zip(runs, calls, strict=True):
+                if cuda and not graphs:  # this model's own peak above what is already resident
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
-                run.times.append(_timed(partial(run.model, run.x), device))
-                if device.type == "cuda":
+                run.times.append(_timed(partial(forward, run.x), device))
+                if cuda and not graphs:
                     run.peak_bytes = max(run.peak_bytes, torch.cuda.max_memory_allocated(device) - before)
-            for run, enc in zip(runs, has_encoder, strict=True):
-                if enc:
-                    run.encoder_times.append(_timed(partial(run.model.forward_encoder, run.x), device))
+            for run, (_, encode) in zip(runs, calls, strict=True):
+                if encode:
+                    run.encoder_times.append(_timed(partial(encode, run.x), device))
     for run in runs:
         rec, bs = run.record, run.x.shape[0]
         rec.update(throughput=bs / statistics.median(run.times), latency_ms_median=1e3 * statistics.median(run.times),
                    latency_ms_p90=1e3 * _percentile(run.times, 90))
         if run.encoder_times:
             rec["encoder_throughput"] = bs / statistics.median(run.encoder_times)
-        if device.type == "cuda":  # + the model's weights and input, resident before the call
-            weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-            rec["peak_memory_mb"] = (run.peak_bytes + weights + run.x.numel() * run.x.element_size()) / 2**20
+        if cuda:  # + the model's weights and input, resident before the call
+            rec["peak_memory_mb"] = (run.peak_bytes + _resident_bytes(run)) / 2**20
 
 
 def _time_training(run: _Run, device: torch.device, warmup: int, repeats: int, memory: bool,
-                   sigmoid: bool) -> None:
+                   sigmoid: bool, amp: bool = False) -> None:
     """Training steps of one model (its optimizer state exists only meanwhile); restores eval mode."""
     run.model.train()
-    step = train_step_fn(run.model, run.x, run.y, sigmoid)
-    if device.type == "cuda":
+    if device.type == "cuda":  # what the other models of the run hold stays out of this model's peak
+        others = torch.cuda.memory_allocated(device) - _resident_bytes(run)
         torch.cuda.reset_peak_memory_stats(device)
+    step = train_step_fn(run.model, run.x, run.y, sigmoid, amp)
     times = time_calls(step, device, warmup, repeats)
     run.record["train_throughput"] = run.x.shape[0] / statistics.median(times)
     if memory and device.type == "cuda":
-        run.record["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        run.record["train_peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) - others) / 2**20
     run.model.zero_grad(set_to_none=True)
     run.model.eval()
 
@@ -314,6 +354,8 @@ def benchmark(
     baseline: str | None = DEFAULT_BASELINE,
     memory: bool = True,
     profile: bool = False,
+    amp: bool = False,
+    cuda_graphs: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every model (each sparse one at every prune ratio) in this process: all are built and warmed up,
     then timed in rounds (one call of each model per round); training steps, profiles and memory follow model by
@@ -334,6 +376,10 @@ def benchmark(
         memory: measure peak memory (a child process per model on CPU).
         profile: add ``profile_s``, the seconds per part of one profiled forward pass
             (:func:`sparseseg.benchmark_profile.profile_breakdown`).
+        amp: float16 autocast (and a gradient scaler in training steps), as ``sparseseg train`` on a GPU;
+            CUDA only.
+        cuda_graphs: time inference as replays of a CUDA graph captured per model
+            (:class:`sparseseg.cuda_graphs.GraphedForward`); CUDA only; training steps run as they are.
 
     Returns:
         One record (dict) per (model, prune ratio); see docs/benchmark.md for the keys.
@@ -344,6 +390,10 @@ def benchmark(
         names.insert(0, baseline)
     _check_request(names, preset, prune_ratios, model_args, batch_size, warmup, repeats)
     dev = resolve_device(device)
+    if amp and dev.type != "cuda":
+        raise InputError(f"mixed precision (amp) is measured on CUDA only, not on {dev}")
+    if cuda_graphs and dev.type != "cuda":
+        raise InputError(f"CUDA graphs need a CUDA device, not {dev}")
     if threads is not None:
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
@@ -354,17 +404,20 @@ def benchmark(
         log.info("[%d/%d] %s%s: building", i, len(pairs), name, "" if r is None else f" r={r:g}")
         runs.append(_build(name, preset, r, dev, batch_size, model_args))
     log.info("timing inference of %d model(s) in %d round(s) after %d warm-up call(s)", len(runs), repeats, warmup)
-    _time_inference(runs, dev, warmup, repeats)
+    _time_inference(runs, dev, warmup, repeats, amp, cuda_graphs)
     for i, run in enumerate(runs, 1):
         if profile:
             from sparseseg.benchmark_profile import profile_breakdown
 
-            run.record["profile_s"] = profile_breakdown(run.model, run.x)
+            with autocast(dev, amp):
+                run.record["profile_s"] = profile_breakdown(run.model, run.x)
         if train:
-            _time_training(run, dev, warmup, repeats, memory, preset in SIGMOID_PRESETS)
+            _time_training(run, dev, warmup, repeats, memory, preset in SIGMOID_PRESETS, amp)
         if memory and dev.type == "cpu":
             _cpu_memory(run, preset, train)
-        run.record.update(device=str(dev), threads=torch.get_num_threads(), torch_version=torch.__version__,
+        run.record.update(device=_device_name(dev), amp=amp, cuda_graphs=cuda_graphs, cuda_addmm=_cuda_addmm(dev),
+                          threads=torch.get_num_threads(),
+                          torch_version=torch.__version__,
                           cpu_allocator=cpu_allocator() if dev.type == "cpu" else None,
                           batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
         log.info("[%d/%d] %s", i, len(runs), _summary(run.record))
@@ -374,6 +427,22 @@ def benchmark(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return add_ratios(records, baseline)
+
+
+def _cuda_addmm(device: torch.device) -> str | None:
+    """How ``nn.Linear`` runs on CUDA: ``cublas`` (``DISABLE_ADDMM_CUDA_LT=1``, see sparseseg.runtime) or
+    ``cublaslt``; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return "cublas" if os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1" else "cublaslt"
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda:N (GPU name)``."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _summary(rec: dict[str, Any]) -> str:

@@ -45,6 +45,11 @@ def _allocator(record: dict[str, Any]) -> str:
     return f"CPU allocator {alloc}, " if alloc else ""
 
 
+def _precision(record: dict[str, Any]) -> str:
+    """", float16 autocast" and / or ", CUDA graphs" when the run used them, else ""."""
+    return (", float16 autocast" if record.get("amp") else "") + (", CUDA graphs" if record.get("cuda_graphs") else "")
+
+
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     """A Markdown table, one row per record, preceded by one line naming the run's conditions. Columns that
     are empty in every record (e.g. training without ``--train``) are left out."""
@@ -52,7 +57,8 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         return "(no records)\n"
     cols = [c for c in _COLUMNS if c[1] is None or any(r.get(c[1]) is not None for r in records)]
     first = records[0]
-    head = (f"preset `{first['preset']}`, device `{first['device']}`, {first['threads']} thread(s), "
+    amp = _precision(first)
+    head = (f"preset `{first['preset']}`, device `{first['device']}`{amp}, {first['threads']} thread(s), "
             f"torch {first['torch_version']}, {_allocator(first)}batch {first['batch_size']}, "
             f"warm-up {first['warmup']}, repeats {first['repeats']}, baseline `{first.get('baseline')}`; "
             f"MACs: {first['macs_counter']}\n\n")
@@ -74,9 +80,9 @@ def _profile_table(records: Sequence[dict[str, Any]]) -> str:
              "| model | r | " + " | ".join(parts) + " | total |", "|---" * (len(parts) + 3) + "|"]
     for rec in recs:
         prof = rec["profile_s"]
-        cells = [f"{prof[p]:.2f} ({100 * prof[p] / prof['total']:.0f}%)" for p in parts]
+        cells = [f"{prof[p]:.3g} ({100 * prof[p] / prof['total']:.0f}%)" for p in parts]
         r = "-" if rec["prune_ratio"] is None else f"{rec['prune_ratio']:g}"
-        lines.append(f"| {rec['model']} | {r} | " + " | ".join(cells) + f" | {prof['total']:.2f} |")
+        lines.append(f"| {rec['model']} | {r} | " + " | ".join(cells) + f" | {prof['total']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,8 +130,8 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax_t.set_yscale("log")
-    fig.suptitle(f"preset {first['preset'] or '-'}, {first['device']}, {first['threads']} thread(s), "
-                 f"batch {first['batch_size']}", fontsize=9)
+    fig.suptitle(f"preset {first['preset'] or '-'}, {first['device']}{_precision(first)}, "
+                 f"{first['threads']} thread(s), batch {first['batch_size']}", fontsize=9)
     fig.tight_layout()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

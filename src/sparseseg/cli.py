@@ -116,13 +116,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stitch-device", default="auto",
                    help="where each whole volume is stitched (MONAI's device; --device is its sw_device): auto "
                         "(--device, or cpu for volumes too large for the GPU), cpu, cuda")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on a GPU, run the windows as replays of captured CUDA graphs (faster at small batches)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference import predict
 
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
-                          save_probabilities=args.save_probabilities, stitch_device=args.stitch_device)
+                          save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
+                          cuda_graphs=args.cuda_graphs)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -165,6 +168,12 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
     p.add_argument("--train", action="store_true", help="also time training steps (forward + backward + step)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--amp", action="store_true",
+                   help="float16 autocast (and a gradient scaler with --train), as sparseseg train on a GPU; "
+                        "CUDA only")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time inference as replays of one captured CUDA graph per model (no per-kernel launch "
+                        "cost); CUDA only")
     p.add_argument("--profile", action="store_true",
                    help="also profile one forward pass: seconds in encoder blocks, scorers, gather/scatter, "
                         "completion, decoder")
@@ -189,7 +198,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
                             batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
-                            memory=not args.no_memory, profile=args.profile)
+                            memory=not args.no_memory, profile=args.profile, amp=args.amp,
+                            cuda_graphs=args.cuda_graphs)
         if args.json:
             write_json(records, args.json)
         if args.markdown:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from sparseseg.config import resolve_device
+from sparseseg.cuda_graphs import GraphedForward
 from sparseseg.data.io import check_writable, is_nifti, read_header_shape, save_nifti, strip_nifti_ending
 from sparseseg.data.transforms import (
     DataConfig,
@@ -34,7 +35,7 @@ from sparseseg.data.transforms import (
 )
 from sparseseg.errors import InputError
 from sparseseg.training.checkpoint import load_checkpoint, model_from_checkpoint
-from sparseseg.training.validation import sliding_window_logits
+from sparseseg.training.validation import Network, sliding_window_logits
 
 log = logging.getLogger(__name__)
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -121,7 +122,7 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
             raise InputError(f"output folder equals or contains the input {p}", output_dir)
 
 
-def _case_probabilities(model: nn.Module, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
+def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
                         overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
     """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
     with unwrap_input_errors():
@@ -162,7 +163,7 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False, stitch_device: str = "auto") -> list[Path]:
+            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
 
     Args:
@@ -176,6 +177,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32).
         stitch_device: where each whole volume is stitched (MONAI's ``device``): ``auto`` (``device``, or the
             CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
+        cuda_graphs: on a CUDA ``device``, run the windows as replays of CUDA graphs captured per window-batch
+            shape (:class:`sparseseg.cuda_graphs.GraphedForward`); no effect on the CPU.
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -205,11 +208,12 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
     model.to(dev).eval()
+    network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
     pipeline = build_transforms(data_cfg, "infer")
     written = []
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
         try:
-            written += _predict_case(model, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
+            written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
                                      sw_batch_size, save_probabilities, stitch_device)
         except InputError as err:  # a broken file: go on with the other cases, report it at the end
             log.debug("skipping case %s: %s", name, err)
@@ -219,7 +223,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     return written
 
 
-def _predict_case(model: nn.Module, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
+def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
                   output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
                   stitch_device: str) -> list[Path]:
     """Segment one case and write ``CASE.nii.gz`` (and its probabilities); returns ``[label file]``."""

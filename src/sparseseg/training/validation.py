@@ -13,8 +13,10 @@ from monai.metrics import compute_dice
 
 from sparseseg.data.transforms import DataConfig
 
+Network = Callable[[torch.Tensor], torch.Tensor]  # a model, or a wrapper of one (sparseseg.cuda_graphs)
 
-def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int = 4,
+
+def sliding_window_logits(model: Network, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int = 4,
                           overlap: float = 0.5, sw_device: torch.device | None = None,
                           device: torch.device | None = None) -> torch.Tensor:
     """Logits ``[B, K, D, H, W]`` of an eval-mode model over a whole volume ``[B, C, D, H, W]`` (Gaussian
