@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from sparseseg import __version__
 from sparseseg.errors import SparsesegError
-from sparseseg.runtime import tune_cpu_allocator
+from sparseseg.runtime import plain_cublas_addmm, tune_cpu_allocator
 
 log = logging.getLogger("sparseseg")
 
@@ -330,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     tune_cpu_allocator()  # keep freed tensor memory in the process: see sparseseg/runtime.py
+    plain_cublas_addmm()  # GPU: nn.Linear without cuBLASLt's per-call host cost (sparseseg/runtime.py)
     try:
         return int(args.func(args) or 0)
     except SparsesegError as err:
