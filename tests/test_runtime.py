@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import platform
 
 import sparseseg.runtime as runtime
@@ -18,3 +19,10 @@ def test_environment_turns_it_off(monkeypatch):
     monkeypatch.setenv("SPARSESEG_MALLOC", "system")
     assert runtime.tune_cpu_allocator() is False
     assert runtime.cpu_allocator() == "system"
+
+
+def test_plain_cublas_addmm_respects_an_explicit_setting(monkeypatch):
+    monkeypatch.delenv("DISABLE_ADDMM_CUDA_LT", raising=False)
+    assert runtime.plain_cublas_addmm() and os.environ["DISABLE_ADDMM_CUDA_LT"] == "1"
+    monkeypatch.setenv("DISABLE_ADDMM_CUDA_LT", "0")
+    assert not runtime.plain_cublas_addmm() and os.environ["DISABLE_ADDMM_CUDA_LT"] == "0"
