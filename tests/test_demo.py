@@ -111,6 +111,7 @@ def test_settings_follow_the_flags():
     assert full.models == ("unetr", "stp_mta_unetr") and full.args_of("stp_mta_unetr")["prune_ratio"] == 0.75
     velox = demo_settings(False, None, 0.75, 0, "cpu", model="veloxseg")
     assert velox.models == ("unetr", "veloxseg") and velox.args_of("veloxseg")["stem_stride"] == 2
+    assert velox.args_of("veloxseg")["deep_supervision"] is False
     assert "hidden_size" in velox.args_of("unetr") and "prune_ratio" not in velox.args_of("unetr")
     with pytest.raises(InputError, match="--model"):
         demo_settings(False, None, 0.75, 0, "cpu", model="resnet")
