@@ -24,5 +24,7 @@ def test_environment_turns_it_off(monkeypatch):
 def test_plain_cublas_addmm_respects_an_explicit_setting(monkeypatch):
     monkeypatch.delenv("DISABLE_ADDMM_CUDA_LT", raising=False)
     assert runtime.plain_cublas_addmm() and os.environ["DISABLE_ADDMM_CUDA_LT"] == "1"
+    assert runtime.cuda_addmm() == "cublas"
     monkeypatch.setenv("DISABLE_ADDMM_CUDA_LT", "0")
     assert not runtime.plain_cublas_addmm() and os.environ["DISABLE_ADDMM_CUDA_LT"] == "0"
+    assert runtime.cuda_addmm() == "cublaslt"

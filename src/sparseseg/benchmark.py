@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ import torch.nn as nn
 from sparseseg.config import resolve_device
 from sparseseg.errors import InputError
 from sparseseg.models.registry import create_model, list_models, model_arguments, resolve_model_args
-from sparseseg.runtime import cpu_allocator
+from sparseseg.runtime import cpu_allocator, cuda_addmm
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +259,16 @@ def _time_inference(runs: list[_Run], device: torch.device, warmup: int, repeats
                 calls.append((GraphedForward(run.model), encode))
             else:
                 calls.append((run.model, encode))
+        warmup_calls = max(warmup, 1) if graphs else warmup  # with graphs the first call captures
         for run, (forward, encode) in zip(runs, calls, strict=True):
             if graphs:  # the capture holds the whole pass's memory; replays allocate nothing
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            for _ in range(max(warmup, 1) if graphs else warmup):
+            for _ in range(warmup_calls):
                 forward(run.x)
             if graphs:
                 run.peak_bytes = torch.cuda.max_memory_allocated(device) - before
-            for _ in range(max(warmup, 1) if graphs and encode else warmup if encode else 0):
+            for _ in range(warmup_calls if encode else 0):
                 encode(run.x)
         for _ in range(repeats):
             for run, (forward, _) in zip(runs, calls, strict=True):
@@ -415,9 +415,9 @@ def benchmark(
             _time_training(run, dev, warmup, repeats, memory, preset in SIGMOID_PRESETS, amp)
         if memory and dev.type == "cpu":
             _cpu_memory(run, preset, train)
-        run.record.update(device=_device_name(dev), amp=amp, cuda_graphs=cuda_graphs, cuda_addmm=_cuda_addmm(dev),
-                          threads=torch.get_num_threads(),
-                          torch_version=torch.__version__,
+        run.record.update(device=_device_name(dev), amp=amp, cuda_graphs=cuda_graphs,
+                          cuda_addmm=cuda_addmm() if dev.type == "cuda" else None,
+                          threads=torch.get_num_threads(), torch_version=torch.__version__,
                           cpu_allocator=cpu_allocator() if dev.type == "cpu" else None,
                           batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
         log.info("[%d/%d] %s", i, len(runs), _summary(run.record))
@@ -427,14 +427,6 @@ def benchmark(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return add_ratios(records, baseline)
-
-
-def _cuda_addmm(device: torch.device) -> str | None:
-    """How ``nn.Linear`` runs on CUDA: ``cublas`` (``DISABLE_ADDMM_CUDA_LT=1``, see sparseseg.runtime) or
-    ``cublaslt``; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    return "cublas" if os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1" else "cublaslt"
 
 
 def _device_name(device: torch.device) -> str:

@@ -17,9 +17,10 @@ nothing where the C library is not glibc (macOS, Windows, musl).
 :func:`plain_cublas_addmm` sets PyTorch's ``DISABLE_ADDMM_CUDA_LT=1`` unless the environment already sets it:
 every ``nn.Linear`` on a GPU then runs as a cuBLAS GEMM over the bias instead of a cuBLASLt GEMM with a bias
 epilogue, whose host-side set-up cost about 0.2 ms per call on an H100 with torch 2.11 (``aten::addmm`` self CPU
-time). At batch 1 these models are bound by the host issuing kernels, so this shows in the end-to-end time: the
-brats ``stp_mta_unetr`` r = 0.75 forward with float16 autocast took 35.0 ms, 16.0 ms with the setting; a dense
-``unetr`` training step 64.8 against 51.6 ms (docs/benchmark.md). PyTorch reads the variable at the first such
+time). At batch 1 these models are bound by the host issuing kernels, so this shows in the end-to-end time:
+the brats ``stp_mta_unetr`` r = 0.75 forward with float16 autocast took 25.6-30.2 ms without and 17.1-26.9 ms
+with the setting, the dense ``unetr`` one 22.4-24.7 against 11.8-15.8 ms (three processes of each, interleaved;
+docs/benchmark.md). PyTorch reads the variable at the first such
 product, so the CLI sets it at start; library users set it in their environment or call this first.
 """
 
@@ -68,4 +69,10 @@ def plain_cublas_addmm() -> bool:
     """Run CUDA ``addmm`` (``nn.Linear``) through plain cuBLAS (see the module docstring); returns whether the
     setting is in effect. An explicit ``DISABLE_ADDMM_CUDA_LT`` in the environment wins."""
     os.environ.setdefault("DISABLE_ADDMM_CUDA_LT", "1")
-    return os.environ["DISABLE_ADDMM_CUDA_LT"] == "1"
+    return cuda_addmm() == "cublas"
+
+
+def cuda_addmm() -> str:
+    """How ``nn.Linear`` runs on CUDA in this process: ``cublas`` (:func:`plain_cublas_addmm` in effect) or
+    ``cublaslt``."""
+    return "cublas" if os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1" else "cublaslt"
