@@ -8,9 +8,12 @@ resolution that costs about a third of the forward pass on this project's 2-core
 ``stp_mta_unetr`` forward: 2.9-3.1 s as it is, 1.9-2.1 s with the setting below, ``/usr/bin/time``: 6.5 M minor
 page faults in 40 s).
 
-:func:`tune_cpu_allocator` switches glibc to serving all blocks from its heap (``M_MMAP_MAX = 0``) and to keeping
-freed memory up to 2 GiB at the top of the heap (``M_TRIM_THRESHOLD``), so a freed map's pages are reused without a
-fault. The price is that the resident memory stays near its peak until the process ends. The CLI calls it once at
+:func:`tune_cpu_allocator` switches glibc to serving all blocks from its heap (``M_MMAP_MAX = 0``) and to never
+returning the free top of the heap to the system (``M_TRIM_THRESHOLD = -1``), so a freed map's pages are reused
+without a fault. A finite threshold is not enough for training: with the largest one ``mallopt`` takes (2 GiB) a
+brats training step of ``stp_mta_unetr`` (6.6 GB peak) handed its activations back after every step and page-faulted
+490 k pages (about 2 GB) again in the next one; with trimming off, 0-6 faults per step (``resource.getrusage``, two
+threads). The price is that the resident memory stays near its peak until the process ends. The CLI calls it once at
 start (``SPARSESEG_MALLOC=system`` in the environment turns it off); library users may call it themselves. It does
 nothing where the C library is not glibc (macOS, Windows, musl).
 
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
-TRIM_THRESHOLD = 2**31 - 1  # the largest value an int parameter takes: about 2 GiB
+TRIM_THRESHOLD = -1  # mallopt(3): -1 disables trimming
 _done = False
 
 
