@@ -23,8 +23,8 @@ epilogue, whose host-side set-up cost about 0.2 ms per call on an H100 with torc
 time). At batch 1 these models are bound by the host issuing kernels, so this shows in the end-to-end time:
 the brats ``stp_mta_unetr`` r = 0.75 forward with float16 autocast took 25.6-30.2 ms without and 17.1-26.9 ms
 with the setting, the dense ``unetr`` one 22.4-24.7 against 11.8-15.8 ms (three processes of each, interleaved;
-docs/benchmark.md). PyTorch reads the variable at the first such
-product, so the CLI sets it at start; library users set it in their environment or call this first.
+docs/benchmark.md). PyTorch reads the variable at the first such product, so the CLI sets it at start; library
+users set it in their environment or call this first.
 """
 
 from __future__ import annotations
