@@ -60,3 +60,59 @@ def test_meta_and_other_dtypes_fall_back():
     ref.load_state_dict(double.state_dict())
     x = torch.randn(1, 2, 8, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(double(x), ref(x))
+
+
+def _needs_onednn():
+    if not conv._onednn_usable(torch.randn(1, 1, 2, 2, 2)):
+        pytest.skip("this PyTorch build has no usable oneDNN")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=2, groups=2),
+     dict(kernel_size=5, padding=2, groups=4, bias=False)],
+)
+def test_small_maps_at_inference_use_packed_weights_with_the_same_result(kwargs):
+    _needs_onednn()
+    torch.manual_seed(0)
+    ours = Conv3d(8, 16, **kwargs)
+    ref = nn.Conv3d(8, 16, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 6, 6, 6)  # 216 voxels <= PACKED_MAX_VOXELS
+    with torch.inference_mode():
+        y = ours(x)
+        assert ours in conv._packed_weights
+        assert y.is_contiguous()
+        torch.testing.assert_close(y, ref(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(x), y)  # second call: the cached weight
+
+
+def test_packed_weights_follow_weight_changes_and_autograd_never_uses_them():
+    _needs_onednn()
+    torch.manual_seed(0)
+    ours = Conv3d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 4, 4, 4)
+    with torch.no_grad():
+        before = ours(x)
+        ours.weight.mul_(2.0)  # an optimiser step changes the weight in place
+        after = ours(x)
+    expected = nn.functional.conv3d(x, ours.weight.detach(), ours.bias.detach(), padding=1)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+    conv._packed_weights.pop(ours, None)
+    y = ours(x.requires_grad_())  # grad mode: never the packed path, and the backward works
+    assert ours not in conv._packed_weights
+    y.sum().backward()
+    assert ours.weight.grad is not None and x.grad is not None
+
+
+def test_models_with_packed_weights_can_be_copied():
+    import copy
+
+    _needs_onednn()
+    model = nn.Sequential(Conv3d(4, 8, 3, padding=1)).eval()
+    with torch.inference_mode():
+        model(torch.randn(1, 4, 4, 4, 4))
+    assert model[0] in conv._packed_weights
+    copied = copy.deepcopy(model)  # the cache lives outside the module, so copies and pickles never see it
+    assert copied[0] not in conv._packed_weights

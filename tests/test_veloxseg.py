@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparseseg.models import create_model
 from sparseseg.models.norms import affine_instance_norm
@@ -14,6 +15,7 @@ from sparseseg.models.velox_blocks import (
     num_pwa_scales,
     paired_windows,
     pixel_shuffle_3d,
+    window_attention,
     window_partition,
     window_reverse,
 )
@@ -211,3 +213,12 @@ def test_other_window_ratios(ratio, size):
 def test_forward_encoder_returns_stage_features():
     feats = tiny().eval().forward_encoder(torch.randn(1, 2, 24, 24, 24))
     assert [tuple(f.shape) for f in feats] == [(1, 8, 6, 6, 6), (1, 16, 3, 3, 3)]
+
+
+def test_window_attention_matches_sdpa_on_cpu():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(7, 2, 54, 4) for _ in range(3))
+    torch.testing.assert_close(window_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    q.requires_grad_()
+    window_attention(q, k, v).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -77,6 +77,17 @@ def max_pool_pyramid(x: torch.Tensor, windows: Sequence[Size3]) -> list[torch.Te
     return maps
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over ``[windows, heads, tokens, d]``: PyTorch's SDPA, except on eager CPU,
+    where two batched matmuls and a softmax are faster for many short windows of narrow heads (VeloxSeg at 96^3,
+    one thread: 585 windows of 54 tokens with ``d = 4``, 5.0 against 5.5 ms; 73 x 2 heads with ``d = 8``, 1.2
+    against 1.4 ms). MAC counting runs on the meta device and so goes through SDPA and its registered formula."""
+    if not eager_cpu(q):
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # [windows, heads, tokens, tokens]
+    return torch.matmul(scores.softmax(-1), v)  # [windows, heads, tokens, d]
+
+
 def _tiles(side: int, window: int) -> bool:
     """A local (non-global) window: it tiles the axis and is smaller than it."""
     return window < side and side % window == 0
@@ -181,7 +192,7 @@ class PairedWindowAttention(nn.Module):
     tokens to its own ``num_heads`` heads of width ``head_dim`` (its slice of the q/k/v channels), and cuts the
     pooled map into windows of ``ratio^3`` tokens. The windows of every modality are concatenated (joint, cross-
     modal attention over ``M * ratio^3`` tokens) and the windows of every scale are stacked along the batch, so
-    one ``scaled_dot_product_attention`` call serves all scales. Each output token is copied back over its small
+    one attention call (:func:`window_attention`) serves all scales. Each output token is copied back over its small
     window (nearest upsampling inside the big window); the scales' outputs are concatenated and mixed per
     modality by a 1x1 convolution.
     """
@@ -211,7 +222,7 @@ class PairedWindowAttention(nn.Module):
             values.append(t[2])
             layouts.append((t.shape[1], tuple(pooled.shape[2:]), small))
         # One attention call for every window of every scale: [sum of nW, h, M*r^3, hd].
-        out = F.scaled_dot_product_attention(torch.cat(queries), torch.cat(keys), torch.cat(values))
+        out = window_attention(torch.cat(queries), torch.cat(keys), torch.cat(values))
         scales = []
         for o, (n_win, pooled_size, small) in zip(out.split([lay[0] for lay in layouts]), layouts, strict=True):
             o = o.view(n_win, h, m, r3, hd).permute(0, 3, 2, 1, 4).reshape(n_win, r3, m * h * hd)  # [nW, r^3, M*h*hd]
