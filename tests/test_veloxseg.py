@@ -85,6 +85,19 @@ def test_max_pool_pyramid_equals_direct_pooling(windows):
     assert torch.equal(x.grad, expected)
 
 
+def test_max_pool_pyramid_at_inference_is_exact_with_ties_and_nan():
+    x = torch.randn(1, 3, 24, 12, 6)
+    x[:, :, :6] = 0.5  # a constant region: every window there is all ties
+    x[0, 1, 7, 3, 2] = float("nan")
+    windows = [(2, 2, 2), (4, 4, 2), (3, 3, 3), (24, 12, 6)]
+    with torch.inference_mode():
+        maps = max_pool_pyramid(x, windows)
+        for window, pooled in zip(windows, maps, strict=True):
+            direct = torch.nn.functional.max_pool3d(x, window, window)
+            assert pooled.is_contiguous() and torch.equal(pooled.isnan(), direct.isnan())
+            assert torch.equal(pooled.nan_to_num(), direct.nan_to_num())
+
+
 def test_affine_instance_norm_matches_instance_norm_and_its_state_dict():
     reference = torch.nn.InstanceNorm3d(6, affine=True)
     torch.nn.init.normal_(reference.weight), torch.nn.init.normal_(reference.bias)
