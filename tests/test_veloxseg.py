@@ -15,6 +15,7 @@ from sparseseg.models.velox_blocks import (
     num_pwa_scales,
     paired_windows,
     pixel_shuffle_3d,
+    upsample_nearest,
     window_attention,
     window_partition,
     window_reverse,
@@ -96,6 +97,14 @@ def test_max_pool_pyramid_at_inference_is_exact_with_ties_and_nan():
             direct = torch.nn.functional.max_pool3d(x, window, window)
             assert pooled.is_contiguous() and torch.equal(pooled.isnan(), direct.isnan())
             assert torch.equal(pooled.nan_to_num(), direct.nan_to_num())
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 4, 3, 2), (8, 12, 6)), ((1, 2, 3, 3, 3), (24, 24, 24)),
+                                         ((1, 2, 5, 1, 2), (5, 4, 6))])
+def testupsample_nearest_equals_interpolate(shape, size):
+    x = torch.randn(shape)
+    y = upsample_nearest(x, size)
+    assert y.is_contiguous() and torch.equal(y, F.interpolate(x, size=size, mode="nearest"))
 
 
 def test_affine_instance_norm_matches_instance_norm_and_its_state_dict():
