@@ -244,3 +244,6 @@ def test_window_attention_matches_sdpa_on_cpu():
     q.requires_grad_()
     window_attention(q, k, v).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+    many = [torch.randn(101, 1, 54, 8) for _ in range(3)]  # more windows than one block of scores holds
+    with torch.inference_mode():
+        torch.testing.assert_close(window_attention(*many), F.scaled_dot_product_attention(*many), atol=1e-5, rtol=1e-5)
