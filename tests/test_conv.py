@@ -116,3 +116,13 @@ def test_models_with_packed_weights_can_be_copied():
     assert model[0] in conv._packed_weights
     copied = copy.deepcopy(model)  # the cache lives outside the module, so copies and pickles never see it
     assert copied[0] not in conv._packed_weights
+
+
+def test_weights_made_under_inference_mode_are_not_packed():
+    _needs_onednn()
+    with torch.inference_mode():
+        ours = Conv3d(4, 8, 3, padding=1)
+        x = torch.randn(1, 4, 4, 4, 4)
+        y = ours(x)
+        assert ours not in conv._packed_weights
+        torch.testing.assert_close(y, nn.functional.conv3d(x, ours.weight, ours.bias, padding=1), atol=1e-5, rtol=1e-5)

@@ -69,7 +69,9 @@ class Conv3d(nn.Conv3d):
             return super().forward(x)
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _onednn_usable(x):
             return super().forward(x)
-        if not torch.is_grad_enabled() and x.dim() == 5 and x[0, 0].numel() <= PACKED_MAX_VOXELS:
+        # Inference tensors (weights made under inference_mode) keep no version counter to tell a change by.
+        small = x.dim() == 5 and x[0, 0].numel() <= PACKED_MAX_VOXELS and not self.weight.is_inference()
+        if small and not torch.is_grad_enabled():
             return self._packed_forward(x.contiguous())
         if self.groups > 1:
             return super().forward(x)
