@@ -84,7 +84,7 @@ class Conv3d(nn.Conv3d):
         """A grouped 1^3 convolution as one batched matmul over the groups: ``[B, C_in, ...] -> [B, C_out, ...]``."""
         b, c, *spatial = x.shape
         g = self.groups
-        y = torch.matmul(self.weight.view(g, -1, c // g), x.reshape(b, g, c // g, -1))  # [B, g, C_out / g, D*H*W]
+        y = torch.matmul(self.weight.reshape(g, -1, c // g), x.reshape(b, g, c // g, -1))  # [B, g, C_out / g, D*H*W]
         if self.bias is not None:
             y = y.add_(self.bias.view(g, -1, 1))
         return y.view(b, -1, *spatial)

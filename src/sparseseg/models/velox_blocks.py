@@ -95,9 +95,8 @@ def max_pool_pyramid(x: torch.Tensor, windows: Sequence[Size3]) -> list[torch.Te
         if step != (1, 1, 1) and eager_cpu(source) and not torch.is_grad_enabled():
             source = _max_pool_axes(source, step)
         elif step != (1, 1, 1):
-            if eager_cpu(source):
-                source = source.contiguous(memory_format=torch.channels_last_3d)
-            source = F.max_pool3d(source, step, step).contiguous()
+            layout = torch.channels_last_3d if eager_cpu(source) else torch.contiguous_format
+            source = F.max_pool3d(source.contiguous(memory_format=layout), step, step).contiguous()
         maps.append(source)
         prev, prev_window = source, tuple(window)
     return maps
@@ -273,10 +272,9 @@ class PairedWindowAttention(nn.Module):
         for o, (n_win, pooled_size, small) in zip(out.split([lay[0] for lay in layouts]), layouts, strict=True):
             o = o.view(n_win, h, m, r3, hd).permute(0, 3, 2, 1, 4).reshape(n_win, r3, m * h * hd)  # [nW, r^3, M*h*hd]
             o = window_reverse(o, (self.ratio,) * 3, pooled_size)  # [B, M*h*hd, P1, P2, P3]
-            if small != (1, 1, 1) and eager_cpu(o) and not torch.is_grad_enabled():
-                o = upsample_nearest(o, spatial)  # [B, M*h*hd, D, H, W]
-            elif small != (1, 1, 1):
-                o = F.interpolate(o, size=tuple(spatial), mode="nearest")  # [B, M*h*hd, D, H, W]
+            if small != (1, 1, 1):  # F.interpolate where autograd records it, or off the CPU
+                fast = eager_cpu(o) and not torch.is_grad_enabled()
+                o = upsample_nearest(o, spatial) if fast else F.interpolate(o, size=tuple(spatial), mode="nearest")
             scales.append(o.view(b, m, h * hd, *spatial))  # [B, M, h*hd, D, H, W]
         return self.proj(torch.cat(scales, dim=2).flatten(1, 2))  # [B, M*S*h*hd, ...] -> [B, M*C, D, H, W]
 
