@@ -101,7 +101,7 @@ def test_max_pool_pyramid_at_inference_is_exact_with_ties_and_nan():
 
 @pytest.mark.parametrize("shape, size", [((2, 3, 4, 3, 2), (8, 12, 6)), ((1, 2, 3, 3, 3), (24, 24, 24)),
                                          ((1, 2, 5, 1, 2), (5, 4, 6))])
-def testupsample_nearest_equals_interpolate(shape, size):
+def test_upsample_nearest_equals_interpolate(shape, size):
     x = torch.randn(shape)
     y = upsample_nearest(x, size)
     assert y.is_contiguous() and torch.equal(y, F.interpolate(x, size=size, mode="nearest"))

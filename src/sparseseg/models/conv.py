@@ -51,7 +51,8 @@ def _onednn_usable(x: torch.Tensor) -> bool:
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that routes dense CPU float32 convolutions with a spatial kernel to oneDNN (module docstring).
+    """``nn.Conv3d`` with faster CPU float32 paths (module docstring): oneDNN for dense convolutions with a spatial
+    kernel, weights reordered once for small maps at inference, one batched matmul for wide grouped 1^3 convs.
 
     Examples:
         >>> conv = Conv3d(16, 32, 3, padding=1)
@@ -70,8 +71,8 @@ class Conv3d(nn.Conv3d):
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _onednn_usable(x):
             return super().forward(x)
         # Inference tensors (weights made under inference_mode) keep no version counter to tell a change by.
-        small = x.dim() == 5 and x[0, 0].numel() <= PACKED_MAX_VOXELS and not self.weight.is_inference()
-        if small and not torch.is_grad_enabled():
+        small = x.dim() == 5 and x.shape[2] * x.shape[3] * x.shape[4] <= PACKED_MAX_VOXELS
+        if small and not torch.is_grad_enabled() and not self.weight.is_inference():
             return self._packed_forward(x.contiguous())
         if self.groups > 1:
             return super().forward(x)
