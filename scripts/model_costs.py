@@ -16,7 +16,7 @@ import time
 import torch
 
 from sparseseg import count_macs, count_params, create_model
-from sparseseg.models.vit import Attention
+from sparseseg.models.common.vit import Attention
 
 
 def paper_convention_extra(model: torch.nn.Module, shape: tuple[int, ...]) -> float:

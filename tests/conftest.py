@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparseseg.models.output import SegmentationOutput
-from sparseseg.models.registry import list_models, register_model
+from sparseseg.models.common.output import SegmentationOutput
+from sparseseg.models.common.registry import list_models, register_model
 
 # A non-axis-aligned, anisotropic affine (LPS-like flips + 1.5 mm slices) so geometry bugs show up.
 TEST_AFFINE = np.array(
@@ -114,9 +114,9 @@ if "tiny_seg" not in list_models():
 
 def tiny_checkpoint(path: Path, in_channels: int = 1) -> Path:
     """An untrained ``tiny_seg`` checkpoint with 3 classes and 8^3 crops, written to ``path`` (for input checks)."""
+    from sparseseg.checkpoint import save_checkpoint
     from sparseseg.data.transforms import DataConfig
-    from sparseseg.models.registry import create_model
-    from sparseseg.training.checkpoint import save_checkpoint
+    from sparseseg.models.common.registry import create_model
 
     model = create_model("tiny_seg", in_channels=in_channels, out_channels=3, feature_size=4)
     data = DataConfig(in_channels=in_channels, label_values=[0, 1, 2], class_names=["bg", "a", "b"],

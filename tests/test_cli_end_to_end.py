@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_msd_dataset
 from sparseseg.cli import main
-from sparseseg.models.registry import list_models
+from sparseseg.models.common.registry import list_models
 
 
 def _run(argv: list[str]) -> None:

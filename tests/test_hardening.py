@@ -14,7 +14,7 @@ import torch
 
 from conftest import TEST_AFFINE, save, synthetic_case, tiny_checkpoint, write_msd_dataset
 from sparseseg.cli import main
-from sparseseg.inference import _stitch_device
+from sparseseg.inference.predictor import _stitch_device
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:

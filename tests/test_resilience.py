@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+import sparseseg.inference.predictor as inference_mod
 from conftest import save, synthetic_case
-from sparseseg import inference as inference_mod
+from sparseseg.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.cli import main
 from sparseseg.config import TrainConfig
 from sparseseg.data.transforms import DataConfig
-from sparseseg.models.registry import create_model
+from sparseseg.models.common.registry import create_model
 from sparseseg.training import train
-from sparseseg.training.checkpoint import load_checkpoint, save_checkpoint
 
 KILLED_SCRIPT = """
 import os, signal, sys

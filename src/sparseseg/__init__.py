@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from sparseseg.flops import count_macs, count_params  # noqa: E402
-from sparseseg.models.registry import create_model, list_models, list_presets  # noqa: E402
+from sparseseg.benchmark.flops import count_macs, count_params  # noqa: E402
+from sparseseg.models.common.registry import create_model, list_models, list_presets  # noqa: E402
 
 __all__ = ["__version__", "count_macs", "count_params", "create_model", "list_models", "list_presets"]

@@ -44,7 +44,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models and their presets")
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.models.registry import list_models, list_presets
+        from sparseseg.models.common.registry import list_models, list_presets
 
         for name in list_models():
             sys.stdout.write(f"{name}  (presets: {', '.join(list_presets(name))})\n")
@@ -120,7 +120,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="on a GPU, run the windows as replays of captured CUDA graphs (faster at small batches)")
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.inference import predict
+        from sparseseg.inference.predictor import predict
 
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
@@ -142,7 +142,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="auto: regions when the dataset defines them")
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.metrics import evaluate, format_table
+        from sparseseg.evaluation.metrics import evaluate, format_table
 
         results = evaluate(args.pred, args.label, args.output, dataset=args.dataset, label_mode=args.label_mode)
         sys.stdout.write(format_table(results) + "\n")
@@ -185,8 +185,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="FILE", help="write throughput and G MACs vs prune ratio (PNG)")
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.benchmark import benchmark
-        from sparseseg.benchmark_report import markdown_table, write_json, write_markdown, write_plot
+        from sparseseg.benchmark.report import markdown_table, write_json, write_markdown, write_plot
+        from sparseseg.benchmark.run import benchmark
         from sparseseg.config import parse_model_args
 
         try:
@@ -228,8 +228,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     pol.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
     def run_policy(args: argparse.Namespace) -> int:
-        from sparseseg.policy import policy_from_checkpoint
-        from sparseseg.visualize import plot_policy
+        from sparseseg.visualize.plots import plot_policy
+        from sparseseg.visualize.policy import policy_from_checkpoint
 
         pm = policy_from_checkpoint(args.checkpoint, args.input, label=args.label, prune_ratio=args.prune_ratio,
                                     device=args.device)
@@ -250,7 +250,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     ov.add_argument("--slices", type=int, nargs="+", default=None, help="slice indices (default: 4 spread out)")
 
     def run_overlay(args: argparse.Namespace) -> int:
-        from sparseseg.visualize import load_overlay_inputs, plot_overlay
+        from sparseseg.visualize.plots import load_overlay_inputs, plot_overlay
 
         image, label, preds, names = load_overlay_inputs(args.image, args.label, args.pred, args.dataset)
         out = plot_overlay(image, label, preds, output=args.output, class_names=names, slices=args.slices,
@@ -265,7 +265,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     cu.add_argument("--output", required=True, help="PNG to write")
 
     def run_curves(args: argparse.Namespace) -> int:
-        from sparseseg.visualize import plot_curves
+        from sparseseg.visualize.plots import plot_curves
 
         sys.stdout.write(f"wrote {plot_curves(args.run, args.output)}\n")
         return 0
@@ -292,7 +292,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.demo import run_demo
+        from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
                           prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
@@ -312,7 +312,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio to export")
 
     def run(args: argparse.Namespace) -> int:
-        from sparseseg.export import export
+        from sparseseg.inference.export import export
 
         sys.stdout.write(f"wrote {export(args.checkpoint, args.output, args.format, args.prune_ratio)}\n")
         return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sparseseg.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer, param_groups
 from sparseseg.training.trainer import train

@@ -4,7 +4,7 @@
 * sigmoid regions (BraTS TC/WT/ET): MONAI ``DiceLoss`` on sigmoid outputs;
 * deep supervision: each lower-resolution output (finest first) is scored against the nearest-resized target
   with weight 1/2^i (i = 1, 2, ...), and all weights (1 for the main output) are normalised to sum to 1;
-* ``aux_losses`` of :class:`~sparseseg.models.output.SegmentationOutput` are already weighted: added as they are.
+* ``aux_losses`` of :class:`~sparseseg.models.common.output.SegmentationOutput` are already weighted: added as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
-from sparseseg.models.output import SegmentationOutput
+from sparseseg.models.common.output import SegmentationOutput
 
 
 class SegmentationLoss(nn.Module):

@@ -19,7 +19,7 @@ from sparseseg.config import TrainConfig
 from sparseseg.data.datasets import BRATS_REGIONS, Dataset
 from sparseseg.data.transforms import DataConfig
 from sparseseg.errors import InputError
-from sparseseg.models.registry import create_model, list_models, model_arguments, resolve_model_args
+from sparseseg.models.common.registry import create_model, list_models, model_arguments, resolve_model_args
 
 
 def _as_roi(size: Any) -> list[int]:

@@ -27,12 +27,12 @@ from monai.data import CacheDataset, DataLoader
 from torch.utils.data import RandomSampler, Subset
 from tqdm import tqdm
 
+from sparseseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sparseseg.config import TrainConfig
 from sparseseg.data.datasets import Case, load_dataset, split_cases
 from sparseseg.data.io import atomic_write, check_writable, remove_stale_temporaries
 from sparseseg.data.transforms import build_transforms, unwrap_input_errors
 from sparseseg.errors import InputError
-from sparseseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sparseseg.training.distributed import (
     DistInfo,
     all_gather,

@@ -1,0 +1,112 @@
+"""Checkpoints that rebuild themselves, hold only plain Python values and tensors, and load with
+``torch.load(..., weights_only=True)``.
+
+Contents (keys): ``format`` (``"sparseseg-checkpoint"``), ``format_version``, ``model_name``, ``model_args``,
+``state_dict``, ``data`` (the :class:`~sparseseg.data.transforms.DataConfig` as a dict: intensity preset, spacing,
+ROI, labels/regions, class names), ``config`` (the training config), ``epoch`` (epochs completed),
+``iteration``, ``best_metric``, ``best_epoch``, ``elapsed`` (training seconds), ``optimizer``, ``scheduler``,
+``scaler``, ``rng`` (python / numpy / torch / cuda states) and ``history`` (per-epoch log rows).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sparseseg.data.io import atomic_write
+from sparseseg.errors import InputError
+
+FORMAT = "sparseseg-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model_name", "model_args", "state_dict", "data")
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and CUDA) random states, as plain values and tensors."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, data: dict[str, Any], **extra: Any) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename). ``model`` must come from ``create_model``
+    (it carries ``model_name`` and ``model_args``); ``extra`` adds training state (optimizer, epoch, ...)."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model.model_name,
+        "model_args": dict(model.model_args),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "data": data,
+        **extra,
+    }
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; files that are not sparseseg checkpoints raise InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found", path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if code:  # a pickle that would call or build arbitrary Python objects: refused, nothing ran
+            raise InputError(f"not a sparseseg checkpoint (holds Python code or objects, {code[1]!r}, that "
+                             "weights-only loading refuses to run)", path) from err
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"not a sparseseg checkpoint (cannot be loaded: {msg[:200]})", path) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise InputError("not a sparseseg checkpoint (no sparseseg format marker)", path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"incomplete sparseseg checkpoint (missing {', '.join(missing)})", path)
+    if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(f"checkpoint format version {ckpt['format_version']} is newer than this sparseseg", path)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) -> nn.Module:
+    """Rebuild the model of a loaded checkpoint (registered name + stored arguments) and load its weights."""
+    from sparseseg.models.common.registry import create_model, list_models
+
+    name = ckpt["model_name"]
+    if name not in list_models():
+        raise InputError(f"checkpoint model {name!r} is not registered in this sparseseg", path)
+    model = create_model(name, **ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
+        raise InputError(f"weights do not fit model {name!r} ({detail[:300]})", path) from err
+    return model

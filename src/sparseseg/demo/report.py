@@ -1,0 +1,242 @@
+"""Scoring, benchmark, pictures and ``report.md`` of ``sparseseg demo`` (see :mod:`sparseseg.demo.run`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from sparseseg.data.io import atomic_write
+from sparseseg.demo.data import AP_AXIS, CLASS_NAMES, TEST_CASE
+
+log = logging.getLogger(__name__)
+LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "veloxseg": "VeloxSeg",
+          "tokenseg": "TokenSeg", "threshold": "intensity threshold"}
+
+
+def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """:func:`sparseseg.evaluation.metrics.evaluate` of each prediction folder against ``labelsTs``; also writes
+    ``OUT/metrics/NAME.json``."""
+    from sparseseg.evaluation.metrics import evaluate
+
+    return {name: evaluate(path.parent, dataset.parent / "labelsTs", out / "metrics" / f"{name}.json",
+                           dataset=dataset) for name, path in preds.items()}
+
+
+def run_benchmark(s, device: str) -> list[dict[str, Any]]:
+    """:func:`sparseseg.benchmark.run.benchmark` of the two demo models on one ROI crop (the dense model is the
+    baseline of the speed-up); each model gets its own arguments (``MODEL:KEY`` overrides)."""
+    from sparseseg.benchmark.run import benchmark
+
+    args: dict[str, Any] = {"in_channels": 1, "out_channels": len(CLASS_NAMES), "img_size": s.roi}
+    for name in s.models:
+        args.update({f"{name}:{k}": v for k, v in s.args_of(name).items() if k != "prune_ratio"})
+    ratios = [s.sparse_args["prune_ratio"]] if s.model == "stp_mta_unetr" else None
+    return benchmark(list(s.models), None, ratios, device=device, repeats=s.benchmark_repeats,
+                     warmup=int(s.warmup), model_args=args, memory=s.benchmark_memory)
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, levels: list[int]) -> dict[str, float]:
+    """Share of brain patches (at least half of their voxels inside the brain) among all tokens, among the tokens
+    that pass the first pruning stage and among those kept to the last block (``levels``: the possible depths);
+    ``label`` ``[X, Y, Z]`` is cut to whole patches."""
+    g = depth.shape
+    lab = label[: g[0] * patch_size, : g[1] * patch_size, : g[2] * patch_size] > 0
+    lab = np.pad(lab, [(0, g[i] * patch_size - lab.shape[i]) for i in range(3)])
+    frac = lab.reshape(g[0], patch_size, g[1], patch_size, g[2], patch_size).mean((1, 3, 5))  # -> [gx, gy, gz]
+    brain = frac >= 0.5
+    kept, passed = depth >= levels[-1], depth > levels[0]
+
+    def share(mask: np.ndarray) -> float:
+        return float(brain[mask].mean()) if mask.any() else float("nan")
+
+    return {"tokens": int(depth.size), "brain_share_all": float(brain.mean()), "kept_share": float(kept.mean()),
+            "brain_share_passed": share(passed), "brain_share_kept": share(kept)}
+
+
+def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padded: Path, pad: int, s
+                  ) -> dict[str, Any]:
+    """``overlay.png`` (coronal slices of the test block: image, reference, both models), ``policy.png`` (the
+    token-pruning model's pruning depths over the padded test block; only when ``stp_mta_unetr`` is in the run)
+    and ``curves.png`` (both training logs)."""
+    from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from sparseseg.visualize.plots import pick_slices, plot_curves, plot_overlay, plot_policy
+    from sparseseg.visualize.policy import model_patch_size, policy_levels, policy_map
+
+    image = _load(data_root / "imagesTs" / f"{TEST_CASE}.nii.gz").astype(np.float32)
+    label = _load(data_root / "labelsTs" / f"{TEST_CASE}.nii.gz").astype(np.int64)
+    preds = {LABELS[n]: _load(out / "predictions" / n / f"{TEST_CASE}.nii.gz") for n in checkpoints}
+    slices = pick_slices(label, AP_AXIS, 4)
+    pics: dict[str, Any] = {}
+    pics["overlay"] = plot_overlay(image, label, preds, output=out / "overlay.png", class_names=CLASS_NAMES,
+                                   slices=slices, axis=AP_AXIS,
+                                   title="held-out anterior block, coronal slices (posterior to anterior)")
+    pics["overlay_axial"] = plot_overlay(image, label, preds, output=out / "overlay_axial.png",
+                                         class_names=CLASS_NAMES, axis=2,
+                                         title="held-out anterior block, axial slices (cut face at the bottom)")
+    pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
+                                 labels=[LABELS[n] for n in checkpoints])
+    if "stp_mta_unetr" not in checkpoints:
+        return pics
+    ckpt = load_checkpoint(checkpoints["stp_mta_unetr"])
+    model = model_from_checkpoint(ckpt).eval()
+    pimg = _load(padded).astype(np.float32)
+    depth = policy_map(model, torch.from_numpy(pimg)[None], [s.roi] * 3)
+    p, levels = model_patch_size(model), policy_levels(model)
+    plabel = np.pad(label, [(0, 0), (pad, 0), (0, 0)], mode="edge")  # on the padded grid (label of the copies)
+    pics["policy"] = plot_policy(pimg, depth, p, plabel, output=out / "policy.png", num_layers=model.num_layers,
+                                 depths=levels, class_names=CLASS_NAMES, slices=[pad + i for i in slices],
+                                 axis=AP_AXIS, title=f"STP + MTA + UNETR, test block with {pad} replicated slices "
+                                                     f"in front: coronal slice = block slice + {pad}")
+    pics["policy_axial"] = plot_policy(pimg, depth, p, plabel, output=out / "policy_axial.png",
+                                       num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2,
+                                       title=f"axial slices; the bottom {pad} rows replicate the cut face")
+    pics["policy_stats"] = policy_summary(depth, plabel, p, levels)
+    return pics
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def results_table(metrics: dict[str, dict[str, Any]], seconds: dict[str, float]) -> str:
+    """Markdown: Dice per class, mean Dice, HD95, CPU inference seconds and speed-up per method."""
+    classes = metrics[next(iter(metrics))]["classes"]
+    head = ["method", *[f"Dice {c}" for c in classes], "mean Dice", "mean HD95 (mm)", "inference (s)", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    base = seconds.get("unetr")
+    for name, m in metrics.items():
+        t = seconds.get(name)
+        row = [LABELS.get(name, name), *[_fmt(m["per_class"][c]["dice_mean"]) for c in classes],
+               _fmt(m["mean"]["dice"]), _fmt(m["mean"]["hd95"], 2), _fmt(t, 2) if t is not None else "-",
+               f"{base / t:.2f}x" if t and base else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[str, float],
+                 records: list[dict[str, Any]], pictures: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Write ``OUT/report.md``."""
+    from sparseseg.benchmark.report import markdown_table
+
+    s = info["settings"]
+    budget = s.train.get("time_budget")
+    steps = {n: _last_iteration(out / "runs" / n / "log.csv") for n in info["checkpoints"]}
+    lines = [
+        f"# sparseseg demo{' (quick)' if info['quick'] else ''}: dense UNETR vs {LABELS[s.model]} on ICBM152",
+        "",
+        f"Total wall time **{info['total_seconds'] / 60:.1f} min** ({info['total_seconds']:.0f} s), of which "
+        f"training {info['train_seconds']:.0f} s; device `{info['device']}`, {info['threads']} inference thread(s), "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}. Load average "
+        f"{info['load_start'][0]:.1f} at the start, {info['load_end'][0]:.1f} at the end (other work on the "
+        f"machine slows every number below).",
+        "",
+        "## Held-out anterior block",
+        "",
+        results_table(metrics, seconds),
+        f"Inference: sliding window ({s.roi}^3, overlap 0.5, Gaussian blending) over the test block padded with "
+        f"{info['pad']} replicated slices in front of its cut face, median of {s.timing_repeats} run(s)"
+        f"{' after one untimed run' if s.warmup else ''}, both models in the same process. The threshold line "
+        f"assigns each voxel by its T1 intensity alone, with thresholds "
+        f"{', '.join(f'{t:.3f}' for t in info['thresholds'])} fitted on the training case.",
+        "",
+        "## Setup",
+        "",
+        f"* data: ICBM152 2009 T1 template at {s.resolution} mm (nilearn package data); classes "
+        f"{', '.join(CLASS_NAMES)} by argmax of the tissue maps inside the brain mask; training = the posterior "
+        f"part, test = the anterior 30 % of the brain (`data/dataset.json`, `data/labelsTs`).",
+        f"* models: patch {s.model_args['patch_size']}, ViT dim {s.model_args['hidden_size']} x "
+        f"{s.model_args['num_layers']} blocks, decoder `{s.model_args['decoder']}` (feature size "
+        f"{s.model_args['feature_size']}); " + _compared_line(s),
+        f"* training: same seed ({s.train['seed']}), {s.roi}^3 crops, batch {s.train['batch_size']}, AdamW lr "
+        f"{s.train['lr']}, warm-up {s.train['warmup_fraction']:.0%} then cosine"
+        + (f" tied to a {budget:.0f} s budget per model" if budget else f", {s.train['epochs']} x "
+           f"{s.train['iters_per_epoch']} steps")
+        + "; both trained at once, one process each. Steps done: "
+        + ", ".join(f"{LABELS[n]} {v}" for n, v in steps.items()) + ".",
+        "",
+        "## Pictures",
+        "",
+        "![overlay](overlay.png)",
+        "",
+        "![overlay, axial](overlay_axial.png)",
+        "",
+        *_policy_lines(pictures),
+        "![training curves](curves.png)",
+        "",
+        "## Benchmark (one ROI crop, `sparseseg.benchmark.run`)",
+        "",
+        markdown_table(records),
+        _speed_note(records),
+    ]
+    path = out / "report.md"
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def _compared_line(s) -> str:
+    """The settings of the model set beside unetr, for the report's setup list."""
+    if s.model == "stp_mta_unetr":
+        return (f"sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
+                f"{s.sparse_args['prune_after']}.")
+    own = s.args_of(s.model)
+    return f"{LABELS[s.model]}: " + (", ".join(f"{k} {v}" for k, v in own.items()) or "default arguments") + "."
+
+
+def _policy_lines(pictures: dict[str, Any]) -> list[str]:
+    """The policy pictures and their reading, when the run has a token-pruning model."""
+    ps = pictures.get("policy_stats")
+    if ps is None:
+        return []
+    return [
+        "Pruning policy of STP + MTA + UNETR over the padded test block (no red: dropped by the first stage; "
+        "darkest red: kept to the last block). "
+        f"Brain patches (at least half inside the brain mask) are {ps['brain_share_all']:.0%} of the "
+        f"{ps['tokens']} tokens, {_fmt(ps['brain_share_passed'] * 100, 0)}% of those that pass the first stage and "
+        f"{_fmt(ps['brain_share_kept'] * 100, 0)}% of those kept to the last block"
+        + (" (the scorer keeps background tokens more often than brain ones)."
+           if ps["brain_share_kept"] < ps["brain_share_all"] else
+           " (the scorer keeps brain tokens longer than background ones)."),
+        "",
+        "![policy](policy.png)",
+        "",
+        "![policy, axial](policy_axial.png)",
+        "",
+    ]
+
+
+def _speed_note(records: list[dict[str, Any]]) -> str:
+    """One sentence on where the time goes, from the benchmark records (dense first, then the other model)."""
+    if len(records) < 2:
+        return ""
+    dense, other = records[0], records[1]
+    if other["prune_ratio"] is None:
+        return (f"\nPer crop {LABELS.get(other['model'], other['model'])} needs {other['gmacs']:.2f} G MACs and "
+                f"the dense UNETR {dense['gmacs']:.2f}. Measured here: end to end "
+                f"{_fmt(other.get('speedup'), 2)}x.\n")
+    sparse = other
+    return (f"\nPer crop the sparse model needs {sparse['gmacs']:.2f} G MACs and the dense one "
+            f"{dense['gmacs']:.2f}: at this size most of the work is the full-resolution convolutions of the "
+            f"decoder, which pruning {100 * sparse['prune_ratio']:.0f} % of the tokens does not touch. Measured "
+            f"here: encoder speed-up {_fmt(sparse.get('encoder_speedup'), 2)}x, end to end "
+            f"{_fmt(sparse.get('speedup'), 2)}x.\n")
+
+
+def _last_iteration(path: Path) -> int | None:
+    from sparseseg.visualize.plots import read_log
+
+    try:
+        it = read_log(path).get("iteration")
+    except Exception:  # a missing log reads as unknown
+        return None
+    return int(it[-1]) if it else None

@@ -1,0 +1,244 @@
+"""Sliding-window inference from a checkpoint alone: ``predict(checkpoint, inputs, output_dir)``.
+
+The model (registered name + arguments) and the preprocessing (:class:`~sparseseg.data.transforms.DataConfig`)
+are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding window (Gaussian
+blending), its probabilities are mapped back onto the input's exact grid (shape and affine) by inverting the
+spatial preprocessing, and one ``CASE.nii.gz`` is written per case (nnU-Net naming: ``CASE_0000.nii.gz``,
+``CASE_0001.nii.gz`` -> ``CASE``).
+
+Examples:
+    >>> predict("runs/spleen/best.pt", "Task09_Spleen/imagesTs", "preds/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
+from sparseseg.config import resolve_device
+from sparseseg.data.io import check_writable, is_nifti, read_header_shape, save_nifti, strip_nifti_ending
+from sparseseg.data.transforms import (
+    DataConfig,
+    build_transforms,
+    invert_to_input,
+    regions_to_labels,
+    unwrap_input_errors,
+)
+from sparseseg.errors import InputError
+from sparseseg.inference.cuda_graphs import GraphedForward
+from sparseseg.inference.sliding_window import Network, sliding_window_logits
+
+log = logging.getLogger(__name__)
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | None = None) -> None:
+    """Test-time pruning ratio: ``model.set_prune_ratio(r)`` when the model has it, else the ``prune_ratio``
+    attribute; a model without token pruning raises InputError."""
+    if not 0.0 <= prune_ratio < 1.0:
+        raise InputError(f"prune ratio must be in [0, 1), got {prune_ratio}", source)
+    if callable(getattr(model, "set_prune_ratio", None)):
+        model.set_prune_ratio(prune_ratio)
+    elif hasattr(model, "prune_ratio"):
+        model.prune_ratio = prune_ratio
+    else:
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no pruning ratio",
+                         source)
+
+
+def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int,
+                  failures: list[InputError] | None = None) -> dict[str, list[Path]]:
+    """Group input NIfTI files (files and/or folders) into cases ``{name: [channel files]}``.
+
+    ``CASE_0000.nii.gz ... CASE_{C-1:04d}.nii.gz`` form one case ``CASE``; any other file is one case (a 4-D file
+    holds all channels). The channel count of every case is checked against ``in_channels`` from the headers.
+    With a ``failures`` list, a case whose header is unreadable or wrong is appended there and left out instead
+    of raising (problems of the inputs as a whole, such as a missing folder, still raise).
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f))
+            if not found:
+                raise InputError("folder holds no .nii/.nii.gz files", p)
+            files += found
+        elif p.is_file():
+            if not is_nifti(p):
+                raise InputError("not a NIfTI file (expected .nii or .nii.gz)", p)
+            files.append(p)
+        else:
+            raise InputError("input not found", p)
+    grouped: dict[str, dict[int, Path]] = {}
+    for f in files:
+        stem = strip_nifti_ending(f.name)
+        m = _CHANNEL_SUFFIX.match(stem)
+        name, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if channel in grouped.setdefault(name, {}):
+            raise InputError(f"case {name!r} appears twice (also {grouped[name][channel]})", f)
+        grouped[name][channel] = f
+    cases = {}
+    for name, chans in list(grouped.items()):
+        paths = [chans[c] for c in sorted(chans)]
+        if len(paths) == 1 and 0 not in chans:  # e.g. scan_2019.nii.gz: a date, not a channel index
+            name = strip_nifti_ending(paths[0].name)
+        elif sorted(chans) != list(range(len(chans))):
+            raise InputError(f"case {name!r}: channel files must be numbered _0000, _0001, ...", paths[0])
+        try:
+            _check_channels(name, paths, in_channels)
+        except InputError as err:
+            if failures is None:
+                raise
+            failures.append(err)
+            continue
+        cases[name] = paths
+    return cases
+
+
+def _check_channels(name: str, paths: list[Path], in_channels: int) -> None:
+    shapes = [read_header_shape(p) for p in paths]
+    count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
+    if count != in_channels:
+        raise InputError(f"case {name!r} has {count} channel(s), the checkpoint expects {in_channels}", paths[0])
+
+
+def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
+    out = output_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError("output must be a folder, not a file", output_dir)
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    for p in [Path(i).resolve() for i in items] + [f.resolve() for fs in cases.values() for f in fs]:
+        if p == out or out in p.parents:
+            raise InputError(f"output folder equals or contains the input {p}", output_dir)
+
+
+def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
+                        overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
+    """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
+    with unwrap_input_errors():
+        d = pipeline({"image": [str(p) for p in case]})
+    image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
+    stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
+    image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
+    logits = sliding_window_logits(model, image, data_cfg.roi_size, sw_batch_size, overlap, sw_device=device,
+                                   device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
+    probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
+    del logits
+    return invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+
+
+# Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
+GPU_STITCH_LIMIT_BYTES = 2 * 2**30
+
+
+def _stitch_device(choice: str, device: torch.device, out_channels: int, spatial: Sequence[int]) -> torch.device:
+    """Where the whole-volume output of the sliding window is accumulated (MONAI's ``device`` argument):
+    ``auto`` keeps it on ``device`` unless that is a GPU and the buffers would pass ``GPU_STITCH_LIMIT_BYTES``."""
+    if choice != "auto":
+        return resolve_device(choice)
+    if device.type == "cpu":
+        return device
+    voxels = int(np.prod([int(s) for s in spatial]))
+    return device if (out_channels + 1) * voxels * 4 <= GPU_STITCH_LIMIT_BYTES else torch.device("cpu")
+
+
+def _failure_report(failures: list[InputError], written: int) -> InputError:
+    """One error for all the cases that could not be segmented (the original one when there is only one)."""
+    if len(failures) == 1 and written == 0:
+        return failures[0]
+    shown = "; ".join(str(e) for e in failures[:5]) + ("; ..." if len(failures) > 5 else "")
+    return InputError(f"{len(failures)} case(s) failed, {written} written: {shown}")
+
+
+@torch.inference_mode()
+def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
+            prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
+            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False) -> list[Path]:
+    """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
+
+    Args:
+        checkpoint: a ``best.pt``/``last.pt`` written by :func:`sparseseg.training.train`.
+        inputs: NIfTI files and/or folders of them; channel files ``CASE_0000``, ... form one case.
+        output_dir: folder for the label maps (created); must not equal or contain an input.
+        prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
+        overlap: sliding-window overlap in [0, 1).
+        sw_batch_size: windows per forward pass.
+        device: where the model and its windows run (MONAI's ``sw_device``): ``auto``, ``cpu``, ``cuda``, ...
+        save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32).
+        stitch_device: where each whole volume is stitched (MONAI's ``device``): ``auto`` (``device``, or the
+            CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
+        cuda_graphs: on a CUDA ``device``, run the windows as replays of CUDA graphs captured per window-batch
+            shape (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); no effect on the CPU.
+
+    Returns:
+        The written label files, one per case, in case-name order. Labels are the dataset's label values
+        (regions are painted back into label values, e.g. BraTS TC/WT/ET -> MSD labels 1/2/3).
+
+    Raises:
+        InputError: bad arguments, checkpoint or output folder (before anything is written); or, after every
+            other case was written, the case(s) whose file is broken (one error naming them all).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    ckpt = load_checkpoint(checkpoint)
+    data_cfg = DataConfig.from_dict(ckpt["data"])
+    failures: list[InputError] = []
+    cases = collect_cases(inputs, data_cfg.in_channels, failures)
+    if not cases:
+        raise _failure_report(failures, 0)
+    output_dir = Path(output_dir)
+    _check_output(output_dir, inputs, cases)
+    check_writable(output_dir)
+    dev = resolve_device(device)
+    if stitch_device != "auto":
+        resolve_device(stitch_device)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    if prune_ratio is not None:
+        set_prune_ratio(model, prune_ratio, checkpoint)
+    model.to(dev).eval()
+    network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
+    pipeline = build_transforms(data_cfg, "infer")
+    written = []
+    for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
+        try:
+            written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
+                                     sw_batch_size, save_probabilities, stitch_device)
+        except InputError as err:  # a broken file: go on with the other cases, report it at the end
+            log.debug("skipping case %s: %s", name, err)
+            failures.append(err)
+    if failures:
+        raise _failure_report(failures, len(written))
+    return written
+
+
+def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
+                  output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
+                  stitch_device: str) -> list[Path]:
+    """Segment one case and write ``CASE.nii.gz`` (and its probabilities); returns ``[label file]``."""
+    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
+    ref = nib.load(str(paths[0]))
+    expected = tuple(ref.shape[:3])
+    if tuple(probs.shape[1:]) != expected:
+        raise RuntimeError(f"prediction grid {tuple(probs.shape[1:])} differs from the input grid {expected}")
+    if data_cfg.regions:
+        labels = regions_to_labels(probs > 0.5, data_cfg.regions)
+    else:
+        labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
+    out = save_nifti(labels.numpy(), output_dir / f"{name}.nii.gz", ref.affine, ref.header, np.uint8)
+    if save_probabilities:
+        arr = probs.permute(1, 2, 3, 0).numpy()  # [K, X, Y, Z] -> [X, Y, Z, K]
+        save_nifti(arr, output_dir / f"{name}_probabilities.nii.gz", ref.affine, ref.header, np.float32)
+    log.info("%s -> %s", paths[0].name, out)
+    return [out]

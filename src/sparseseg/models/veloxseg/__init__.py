@@ -1,0 +1,8 @@
+"""VeloxSeg: :mod:`.model` (the registered ``veloxseg``), :mod:`.blocks` (JLC, paired window attention) and
+:mod:`.sdkt` (Gram-matrix knowledge transfer, training only)."""
+
+from __future__ import annotations
+
+from sparseseg.models.veloxseg.model import VeloxDecoder, VeloxSeg
+
+__all__ = ["VeloxDecoder", "VeloxSeg"]

@@ -1,0 +1,9 @@
+"""Pictures: :mod:`.plots` (pruning policy, overlays, training curves) and :mod:`.policy` (a model's pruning policy
+over a whole volume)."""
+
+from __future__ import annotations
+
+from sparseseg.visualize.plots import load_overlay_inputs, plot_curves, plot_overlay, plot_policy
+from sparseseg.visualize.policy import policy_from_checkpoint
+
+__all__ = ["load_overlay_inputs", "plot_curves", "plot_overlay", "plot_policy", "policy_from_checkpoint"]

@@ -1,0 +1,83 @@
+"""`sparseseg export`: ONNX (TopK / GatherElements for the sparse model) and TorchScript give PyTorch's output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparseseg.checkpoint import save_checkpoint
+from sparseseg.cli import main
+from sparseseg.data.transforms import DataConfig
+from sparseseg.inference.export import load_for_export
+from sparseseg.models.common.registry import create_model, list_models
+
+VIT = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "feature_size": 4, "patch_size": 8,
+       "decoder": "v1", "img_size": [16, 16, 16], "in_channels": 1, "out_channels": 3}
+MODELS = {"tiny_seg": {"in_channels": 1, "out_channels": 3, "feature_size": 4},
+          "unetr": {**VIT, "skip_layers": [1, 2]},
+          "stp_mta_unetr": {**VIT, "prune_after": [1], "completion_size": 48, "completion_heads": 2,
+                            "prune_ratio": 0.5}}
+
+
+def _checkpoint(tmp_path, name: str):
+    if name not in list_models():
+        pytest.skip(f"{name} is not registered")
+    torch.manual_seed(0)
+    model = create_model(name, **MODELS[name])
+    data = DataConfig(in_channels=1, label_values=[0, 1, 2], class_names=["bg", "a", "b"], roi_size=[16, 16, 16])
+    return save_checkpoint(tmp_path / f"{name}.pt", model, data.to_dict())
+
+
+def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None) -> np.ndarray:
+    graph, _ = load_for_export(ckpt, prune_ratio)
+    with torch.no_grad():
+        return graph(x).numpy()
+
+
+@pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
+def test_onnx_matches_pytorch(tmp_path, name):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt = _checkpoint(tmp_path, name)
+    out = tmp_path / f"{name}.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(out)]) == 0
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    if name == "stp_mta_unetr":
+        assert {"TopK", "GatherElements"} <= ops  # the token selection is in the graph, not precomputed
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))  # batch 2: the axis is dynamic
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(logits, _reference(ckpt, x), atol=1e-4, rtol=1e-4)
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
+    if name == "stp_mta_unetr":  # a test-time ratio is baked into the graph (K of the TopK)
+        ratio = tmp_path / "r25.onnx"
+        assert main(["export", "--checkpoint", str(ckpt), "--output", str(ratio), "--prune-ratio", "0.25"]) == 0
+        (logits,) = ort.InferenceSession(str(ratio), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(logits, _reference(ckpt, x, 0.25), atol=1e-4, rtol=1e-4)
+        assert not np.allclose(logits, _reference(ckpt, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_seg", "stp_mta_unetr"])
+def test_torchscript_matches_pytorch(tmp_path, name):
+    ckpt = _checkpoint(tmp_path, name)
+    out = tmp_path / f"{name}.ts.pt"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(out)]) == 0
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = torch.jit.load(str(out))(x).numpy()
+    np.testing.assert_allclose(logits, _reference(ckpt, x), atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_bad_checkpoint_and_output(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "bad.pt: not a sparseseg checkpoint" in capsys.readouterr().err
+    ckpt = _checkpoint(tmp_path, "tiny_seg")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(blocker / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err
+    assert not (tmp_path / "m.onnx").exists()
