@@ -68,7 +68,31 @@ def save_checkpoint(path: str | Path, model: nn.Module, data: dict[str, Any], **
         "data": data,
         **extra,
     }
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return atomic_write(path, lambda tmp: _save(ckpt, tmp), size=_estimated_size(ckpt))
+
+
+def _save(ckpt: dict[str, Any], tmp: Path) -> None:
+    # Through a Python file object: a full disk then raises OSError(ENOSPC), which torch chains to its own
+    # RuntimeError; given a file name, torch's C++ writer loses the cause ("unexpected pos ...").
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def _estimated_size(obj: Any) -> int:
+    """About the bytes ``torch.save(obj)`` writes: every tensor storage once, plus an archive record per storage
+    and the pickled rest (small beside the weights of any real model)."""
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            stack += x.values()
+        elif isinstance(x, (list, tuple)):
+            stack += x
+    return sum(storages.values()) + 192 * len(storages) + 4096
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

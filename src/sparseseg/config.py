@@ -62,6 +62,7 @@ class TrainConfig:
     sw_batch_size: int = 4
     time_budget: float | None = None  # seconds of steps + validations; training and the schedule end on it
     resume: bool = False  # continue from OUTPUT/last.pt
+    overwrite: bool = False  # OUTPUT holds a run: move it to a dated sibling folder and start afresh
     num_workers: int = 0
     cache_rate: float = 1.0  # fraction of preprocessed cases kept in memory
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
@@ -89,6 +90,7 @@ class TrainConfig:
             (self.time_budget is None or self.time_budget > 0, "time_budget must be > 0 seconds"),
             (0.0 <= self.warmup_fraction < 1.0, "warmup_fraction must be in [0, 1)"),
             (self.learning_rate() > 0, "the learning rate must be > 0"),
+            (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,8 +8,11 @@ one 3-D file per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...). Every prob
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sparseseg.errors import InputError
+from sparseseg.errors import DISK_FULL, InputError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +216,25 @@ def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
     return Volume(array=labels[None], affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
 
 
-def atomic_write(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A process killed at any moment leaves either the previous ``path`` or the new one, never a partial file (at
     worst a hidden ``.NAME.<random>`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
-    written raises :class:`InputError` naming ``path``.
+    created raises :class:`InputError` naming ``path``. A full disk, a read-only file system or a refused
+    permission, while creating the temporary or writing it, raises :class:`~sparseseg.errors.WriteError` naming
+    ``path`` (with the bytes it needed, ``size`` when the caller knows it, and the bytes free), after the
+    temporary is removed: the previous ``path`` is intact.
     """
     path = Path(path)
+    previous = path.exists()
     suffix = "".join(path.suffixes) or ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:
+        if err.errno in WRITE_FAULTS:
+            raise _write_error(path, err.errno, size, previous) from err
         raise InputError(f"cannot write here ({_one_line(err)})", path) from err
     os.close(fd)
     try:
@@ -233,10 +242,52 @@ def atomic_write(path: str | Path, write) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        code = _write_fault(err, path.parent, size)
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError as unlink_err:
+            log.warning("%s: could not remove the temporary (%s)", tmp, _one_line(unlink_err))
+        if code is not None:
+            raise _write_error(path, code, size, previous) from err
         raise
     return path
+
+
+# Errors of the file system, not of the data: a full disk or quota, a file too large, a read-only mount, a refused
+# permission, a failing device.
+WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EIO})
+# What torch.save / torch.jit.save to a file *name* raise when the disk fills: the errno is lost in C++.
+_TORCH_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error")
+
+
+def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | None:
+    """The errno of the file-system fault behind ``err`` (its own, or one it was raised from), else None."""
+    seen: list[BaseException] = []
+    while err is not None and len(seen) < 16:
+        seen.append(err)
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, RuntimeError) and _TORCH_WRITER_FAILURE.search(str(e)) for e in seen):
+        free = _free_bytes(folder)  # the partial temporary still fills the disk here
+        if free is not None and free < max(size or 0, 1 << 20):
+            return errno.ENOSPC
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_error(path: Path, code: int, size: int | None, previous: bool) -> WriteError:
+    disk_full = code in DISK_FULL
+    return WriteError(path, code, os.strerror(code).lower(), needed=size if disk_full else None,
+                      free=_free_bytes(path.parent) if disk_full else None, previous_kept=previous)
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:

@@ -1,0 +1,82 @@
+"""The run folder of ``sparseseg train``: never start over an existing run by mistake, move it aside on request,
+and find the checkpoint to resume from when ``last.pt`` cannot be read.
+
+A folder *holds a run* when it holds one of the trainer's checkpoints (:data:`CHECKPOINTS`); ``config.json`` and
+``log.csv`` alone (a run stopped before its first checkpoint) hold nothing to lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sparseseg.checkpoint import load_checkpoint
+from sparseseg.errors import InputError, SparsesegError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = ("last.pt", "best.pt")
+RUN_FILES = (*CHECKPOINTS, "log.csv", "config.json")
+
+
+def existing_checkpoints(run_dir: Path) -> list[str]:
+    return [name for name in CHECKPOINTS if (run_dir / name).is_file()]
+
+
+def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
+    """Raise :class:`SparsesegError` when ``run_dir`` holds a run and neither ``--resume`` nor ``--overwrite``
+    says what to do with it (checked before the data are read)."""
+    found = existing_checkpoints(run_dir)
+    if found and not overwrite:
+        raise SparsesegError(f"holds a training run ({', '.join(found)}); continue it with --resume, or start "
+                             f"afresh with --overwrite (moves the old run to {aside_name(run_dir).name})", run_dir)
+
+
+def aside_name(run_dir: Path) -> Path:
+    """``runs/x`` -> ``runs/x.20250314-093000`` (``-2``, ``-3``, ... when that exists too)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.{stamp}")
+    n = 2
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}")
+        n += 1
+    return target
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Rename a folder that holds a run to a dated sibling (nothing is deleted); returns the new path, or None when
+    there was no run to move."""
+    if not existing_checkpoints(run_dir):
+        return None
+    target = aside_name(run_dir)
+    try:
+        os.rename(run_dir, target)
+    except OSError as err:
+        raise SparsesegError(f"cannot move the old run aside to {target.name} ({os.strerror(err.errno).lower()}); "
+                             "nothing was changed", run_dir) from err
+    log.warning("moved the previous run in %s to %s", run_dir, target)
+    return target
+
+
+def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The checkpoint ``--resume`` continues from, loaded: ``last.pt``, or when it is missing or cannot be read
+    (cut short, corrupt), the newest other readable ``*.pt`` of ``run_dir`` (``best.pt``). Returns its path, the
+    loaded checkpoint and ``"FILE: why"`` for each file skipped (for the caller's warning). None readable:
+    :class:`InputError` naming the folder and why each file was refused."""
+    last = run_dir / "last.pt"
+    others = sorted((p for p in run_dir.glob("*.pt") if p.name != last.name and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    if not last.is_file() and not others:
+        raise InputError("nothing to resume: no checkpoint in this folder (start without --resume)", run_dir)
+    skipped = [] if last.is_file() else ["last.pt: not found"]
+    for path in [last, *others] if last.is_file() else others:
+        try:
+            ckpt = load_checkpoint(path)
+        except InputError as err:
+            skipped.append(f"{path.name}: {str(err).removeprefix(f'{path}: ')}")
+            continue
+        return path, ckpt, skipped
+    raise InputError(f"nothing to resume: no readable checkpoint ({'; '.join(skipped)})", run_dir)
