@@ -374,14 +374,13 @@ def test_torchrun_sigterm_to_one_process_stops_both(tmp_path, dataset, one_threa
     assert stopped["partial_epoch"]["steps"] == 2 and len(stopped["partial_epoch"]["losses"]) == 2
     assert len(stopped["rng_per_rank"]) == 2
 
-    both = tmp_path / "resume_and_reference.py"
-    both.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nimport conftest, torch\n"
-                    "from sparseseg.cli import main\ntorch.set_num_threads(1)\n"
-                    f"assert main({[*argv, '--resume']!r}) == 0\n"
-                    f"assert main({[*argv, '--output', str(tmp_path / 'uninterrupted')]!r}) == 0\n")
-    done = subprocess.run([*torchrun, str(both)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _same_training(tmp_path / "uninterrupted" / "last.pt", run / "last.pt")
+    for name, args in (("resume", [*argv, "--resume"]), ("reference", [*argv, "--output", str(tmp_path / "ref")])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nimport conftest, torch\n"
+                          f"from sparseseg.cli import main\ntorch.set_num_threads(1)\nsys.exit(main({args!r}))\n")
+        done = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    _same_training(tmp_path / "ref" / "last.pt", run / "last.pt")
 
 
 # ---- --resume when last.pt cannot be read ---------------------------------------------------------------------------

@@ -5,7 +5,12 @@ Contents (keys): ``format`` (``"sparseseg-checkpoint"``), ``format_version``, ``
 ``state_dict``, ``data`` (the :class:`~sparseseg.data.transforms.DataConfig` as a dict: intensity preset, spacing,
 ROI, labels/regions, class names), ``config`` (the training config), ``epoch`` (epochs completed),
 ``iteration``, ``best_metric``, ``best_epoch``, ``elapsed`` (training seconds), ``optimizer``, ``scheduler``,
-``scaler``, ``rng`` (python / numpy / torch / cuda states) and ``history`` (per-epoch log rows).
+``scaler``, ``rng`` (python / numpy / torch / cuda states; ``rng_per_rank`` of every process), ``sampler`` and
+``history`` (per-epoch log rows); a checkpoint written when a signal stopped training inside an epoch adds
+``partial_epoch`` (:mod:`sparseseg.training.run_state`).
+
+:func:`save_checkpoint` writes through :func:`~sparseseg.data.io.atomic_write`: a full disk or a read-only folder
+raises :class:`~sparseseg.errors.WriteError` naming the file and the size it needed; the previous file is kept.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ continues bit-for-bit where it stopped (same config, same device, same number of
 run is refused without ``resume``; ``overwrite=True`` moves it aside first (:mod:`sparseseg.training.run_folder`).
 
 SIGTERM or SIGINT ends the current step, writes ``last.pt`` with the position inside the epoch (the steps done,
-their losses, every process's random state) and raises :class:`~sparseseg.errors.Interrupted`; resuming replays
-the epoch's seeded crops up to that step and goes on as if never stopped. A signal during validation takes effect
+their losses, every process's random state: :mod:`sparseseg.training.run_state`) and raises
+:class:`~sparseseg.errors.Interrupted`; resuming replays the epoch's seeded crops up to that step and goes on as if
+never stopped. A signal during validation takes effect
 once validation and the epoch's checkpoints are done.
 
 Under ``torchrun`` every process trains (DDP) and validates a shard of the validation cases (Dice sums
@@ -39,12 +40,12 @@ from monai.data.utils import worker_init_fn
 from torch.utils.data import RandomSampler, Subset
 from tqdm import tqdm
 
-from sparseseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sparseseg.checkpoint import rng_state, set_rng_state
 from sparseseg.config import TrainConfig
 from sparseseg.data.datasets import Case, load_dataset, split_cases
 from sparseseg.data.io import atomic_write, check_writable, remove_stale_temporaries
 from sparseseg.data.transforms import build_transforms, unwrap_input_errors
-from sparseseg.errors import InputError, Interrupted, WriteError
+from sparseseg.errors import Interrupted, WriteError
 from sparseseg.signals import StopRequest
 from sparseseg.training.distributed import (
     DistInfo,
@@ -59,6 +60,7 @@ from sparseseg.training.distributed import (
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer
 from sparseseg.training.run_folder import RUN_FILES, find_resumable, move_aside, refuse_existing_run
+from sparseseg.training.run_state import restore, save_epoch, save_stop_point
 from sparseseg.training.setup import build_data_config, build_model
 from sparseseg.training.validation import validate
 
@@ -183,7 +185,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
         if skipped and info.is_main:
             log.warning("%s: cannot resume from %s; resuming from %s (epoch %s) instead", run_dir, "; ".join(skipped),
                         path.name, ckpt["epoch"])
-        state = _resume(path, model, optimizer, scheduler, scaler, config, info, ckpt)
+        state = restore(path, model, optimizer, scheduler, scaler, config, info, ckpt)
         scheduler.total_iters = config.epochs * iters
     net = wrap_model(model, info, device)
     # Each process validates every world_size-th case; the Dice sums are added up across processes.
@@ -222,7 +224,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                 code = _train_epoch(net, batches, losses, iters, loss_fn, optimizer, scheduler, scaler, config,
                                     data_cfg, info, device, start, stop, f"epoch {epoch}/{config.epochs}")
                 if code > BUDGET_SPENT:
-                    _save_stop_point(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, info,
+                    save_stop_point(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, info,
                                      code, epoch, losses, time.perf_counter() - t0, time.perf_counter() - start)
                     raise Interrupted(f"{signal.Signals(code).name} in epoch {epoch} after step {len(losses)}/{iters};"
                                       f" {run_dir / 'last.pt'} holds this point: rerun the same command with "
@@ -303,91 +305,17 @@ def _train_epoch(net, batches: Iterator[dict[str, Any]], losses: list[float], it
     return 0
 
 
-def _training_state(config: TrainConfig, optimizer, scheduler, scaler, state: dict[str, Any],
-                    rngs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything besides the model that a resumed run needs (the ``extra`` of :func:`save_checkpoint`)."""
-    # The sampler is reseeded from (seed, epoch, rank) every epoch, so its whole state is this record.
-    sampler = {"kind": "seeded-per-epoch", "seed": config.seed, "epoch": state["epoch"], "world_size": len(rngs)}
-    return {"config": config.to_dict(), "epoch": state["epoch"], "iteration": scheduler.iteration,
-            "best_metric": state["best_metric"], "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
-            "history": state["history"], "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rngs[0], "rng_per_rank": rngs, "sampler": sampler}
-
-
 def _write_epoch(run_dir: Path, run_log: _RunLog, model, data_cfg, config: TrainConfig, optimizer, scheduler, scaler,
                  state: dict[str, Any], row: dict[str, Any], rngs: list[dict[str, Any]]) -> None:
     """The epoch's checkpoints and log; a full disk names the file and says how to go on."""
     resumable = (run_dir / "last.pt").exists()
     try:
-        _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row, rngs)
+        save_epoch(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row, rngs)
         run_log.write(state["history"])
     except WriteError as err:
         hint = "--resume continues from the checkpoint before" if resumable else "nothing to resume yet"
         raise err.with_hint(f"epoch {row['epoch']} is lost, {hint}") from err
     _log_epoch(row, state, config.epochs)
-
-
-def _checkpoint(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, row, rngs) -> None:
-    score = row.get("mean_dice", float("nan"))
-    is_best = math.isfinite(score) and score > state["best_metric"]
-    if is_best:
-        state["best_metric"], state["best_epoch"] = score, row["epoch"]
-    state["epoch"], state["elapsed"] = row["epoch"], row["elapsed"]
-    extra = _training_state(config, optimizer, scheduler, scaler, state, rngs)
-    # best.pt first: a kill between the two writes leaves the older last.pt, whose resume redoes this epoch and
-    # rewrites best.pt, never a last.pt that believes in a best.pt that was not written.
-    if is_best:
-        save_checkpoint(run_dir / "best.pt", model, data_cfg.to_dict(), **extra)
-    save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
-
-
-def _save_stop_point(run_dir: Path, model, data_cfg, config: TrainConfig, optimizer, scheduler, scaler,
-                     state: dict[str, Any], info: DistInfo, signum: int, epoch: int, losses: list[float],
-                     epoch_seconds: float, elapsed: float) -> None:
-    """``last.pt`` at a step inside ``epoch`` (written by process 0 once every process has sent its random state
-    and losses); ``best.pt`` and the log keep the last finished epoch."""
-    rngs = all_gather(rng_state(), info)
-    per_rank_losses = all_gather(losses, info)
-    if info.is_main:
-        log.info("%s: saving the state after step %d of epoch %d", signal.Signals(signum).name, len(losses), epoch)
-        extra = _training_state(config, optimizer, scheduler, scaler, {**state, "elapsed": elapsed}, rngs)
-        extra["partial_epoch"] = {"epoch": epoch, "steps": len(losses), "losses": per_rank_losses,
-                                  "seconds": epoch_seconds}
-        save_checkpoint(run_dir / "last.pt", model, data_cfg.to_dict(), **extra)
-    barrier(info)  # no process leaves (and makes torchrun stop the others) before last.pt is written
-
-
-def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig, info: DistInfo,
-            ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    if ckpt["model_name"] != model.model_name or ckpt["model_args"] != model.model_args:
-        raise InputError(f"cannot resume: the checkpoint holds {ckpt['model_name']} {ckpt['model_args']}, "
-                         f"the config builds {model.model_name} {model.model_args}", path)
-    for key in ("optimizer", "scheduler", "scaler", "rng", "epoch"):
-        if key not in ckpt:
-            raise InputError(f"cannot resume: the checkpoint has no training state ({key!r} missing)", path)
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
-    mine = info.rank % len(rngs)
-    set_rng_state(rngs[mine])
-    if len(rngs) != info.world_size and info.is_main:  # still correct, but the crops differ from an uninterrupted run
-        log.warning("resuming %d-process training with %d process(es): the random crops change",
-                    len(rngs), info.world_size)
-    state = {"epoch": int(ckpt["epoch"]), "best_metric": float(ckpt["best_metric"]),
-             "best_epoch": int(ckpt["best_epoch"]), "elapsed": float(ckpt["elapsed"]),
-             "history": list(ckpt["history"])}
-    partial = ckpt.get("partial_epoch")
-    if partial:
-        losses = partial["losses"]
-        state["partial"] = {"steps": int(partial["steps"]), "losses": list(losses[info.rank % len(losses)]),
-                            "seconds": float(partial["seconds"]), "rng": rngs[mine]}
-    if info.is_main:
-        where = f"step {partial['steps']} of epoch {partial['epoch']}" if partial else f"epoch {ckpt['epoch']}"
-        log.info("resuming from %s after %s", path, where)
-    return state
 
 
 def _log_epoch(row: dict[str, Any], state: dict[str, Any], epochs: int) -> None:
