@@ -90,7 +90,7 @@ def test_existing_run_is_refused_then_moved_aside(tmp_path, dataset, capsys):
     before = _snapshot(run)
 
     line = _one_line(capsys, main(_train_argv(dataset, run, epochs=1)), 2,
-                     f"{run}: holds a training run (last.pt, best.pt)", "--resume", "--overwrite", "x.20")
+                     f"{run}: holds a training run (last.pt, best.pt)", "--resume", "--overwrite", "x.YYYYmmdd-HHMMSS")
     assert _snapshot(run) == before, line
 
     code = main(_train_argv(dataset, run, "--resume", "--overwrite"))

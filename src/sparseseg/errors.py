@@ -49,8 +49,8 @@ class WriteError(SparsesegError):
     def __init__(self, path: str | Path, errno: int | None, reason: str, *, needed: int | None = None,
                  free: int | None = None, previous_kept: bool = False, hint: str = ""):
         self.errno, self.needed, self.free, self.previous_kept = errno, needed, free, previous_kept
-        sizes = [f"needs about {_size(needed)}" if needed is not None else "",
-                 f"{_size(free)} free" if free is not None else ""]
+        sizes = [f"needs about {format_size(needed)}" if needed is not None else "",
+                 f"{format_size(free)} free" if free is not None else ""]
         detail = ", ".join(s for s in sizes if s)
         kept = "the previous file is intact" if previous_kept else "nothing was written"
         message = f"cannot write: {reason}{f' ({detail})' if detail else ''}; {kept}{f'; {hint}' if hint else ''}"
@@ -85,7 +85,8 @@ class Interrupted(SparsesegError):
         return signal.Signals(self.signum).name
 
 
-def _size(size: int) -> str:
+def format_size(size: int) -> str:
+    """``9_000_000`` -> ``'9.0 MB'`` (decimal units, as ``df -H`` shows)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"

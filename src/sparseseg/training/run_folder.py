@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+
 from sparseseg.checkpoint import load_checkpoint
-from sparseseg.errors import InputError, SparsesegError
+from sparseseg.errors import InputError, SparsesegError, format_size
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
     found = existing_checkpoints(run_dir)
     if found and not overwrite:
         raise SparsesegError(f"holds a training run ({', '.join(found)}); continue it with --resume, or start "
-                             f"afresh with --overwrite (moves the old run to {aside_name(run_dir).name})", run_dir)
+                             f"afresh with --overwrite (moves the old run to {run_dir.name}.YYYYmmdd-HHMMSS)", run_dir)
 
 
 def aside_name(run_dir: Path) -> Path:
@@ -59,6 +62,21 @@ def move_aside(run_dir: Path) -> Path | None:
                              "nothing was changed", run_dir) from err
     log.warning("moved the previous run in %s to %s", run_dir, target)
     return target
+
+
+def warn_if_short_of_space(run_dir: Path, model: nn.Module) -> None:
+    """Warn when the disk cannot hold the run's checkpoints: ``best.pt``, ``last.pt`` and the temporary of the next
+    one (3 x the weights and AdamW's two moments), so that the run does not learn it only at its first checkpoint."""
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    held = sum((run_dir / name).stat().st_size for name in existing_checkpoints(run_dir))
+    free = shutil.disk_usage(folder).free
+    if free + held < 3 * size:
+        log.warning("%s: %s free, the checkpoints need about %s (3 x %s): training stops at a checkpoint unless "
+                    "space is freed", run_dir, format_size(free), format_size(3 * size - held), format_size(size))
 
 
 def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:

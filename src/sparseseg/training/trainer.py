@@ -59,7 +59,13 @@ from sparseseg.training.distributed import (
 )
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer
-from sparseseg.training.run_folder import RUN_FILES, find_resumable, move_aside, refuse_existing_run
+from sparseseg.training.run_folder import (
+    RUN_FILES,
+    find_resumable,
+    move_aside,
+    refuse_existing_run,
+    warn_if_short_of_space,
+)
 from sparseseg.training.run_state import restore, save_epoch, save_stop_point
 from sparseseg.training.setup import build_data_config, build_model
 from sparseseg.training.validation import validate
@@ -204,6 +210,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                 "val_cases": [c.name for c in val_cases], "num_parameters": sum(p.numel() for p in model.parameters())}
         atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
         run_log = _RunLog(run_dir, config.tensorboard)
+        warn_if_short_of_space(run_dir, model)
         log.info("training %s (%.2f M parameters) on %d cases, validating on %d, %s x %d, lr %.3g",
                  model.model_name, meta["num_parameters"] / 1e6, len(train_cases), len(val_cases), device,
                  info.world_size, lr)
