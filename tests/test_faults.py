@@ -345,7 +345,7 @@ def test_signal_during_validation_stops_after_the_epoch(tmp_path, dataset, capsy
     monkeypatch.setattr(trainer_mod, "validate", validate_and_get_signalled)
     run = tmp_path / "run"
     _one_line(capsys, main(_train_argv(dataset, run)), 143,
-              f"sparseseg train: stopped: SIGTERM after epoch 1/2; {run / 'last.pt'} holds it")
+              f"sparseseg train: stopped: SIGTERM after epoch 1/2; {run / 'last.pt'} holds this point")
     stopped = load_checkpoint(run / "last.pt")
     assert stopped["epoch"] == 1 and "partial_epoch" not in stopped and "mean_dice" in stopped["history"][0]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run

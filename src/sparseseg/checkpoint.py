@@ -105,6 +105,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("not a sparseseg checkpoint (empty file)", path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -112,8 +114,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if code:  # a pickle that would call or build arbitrary Python objects: refused, nothing ran
             raise InputError(f"not a sparseseg checkpoint (holds Python code or objects, {code[1]!r}, that "
                              "weights-only loading refuses to run)", path) from err
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"not a sparseseg checkpoint (cannot be loaded: {msg[:200]})", path) from err
+        raise InputError(f"not a sparseseg checkpoint ({_load_failure(err)})", path) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError("not a sparseseg checkpoint (no sparseseg format marker)", path)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -122,6 +123,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"checkpoint format version {ckpt['format_version']} is newer than this sparseseg", path)
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """The gist of torch.load's error, without its paragraphs of advice."""
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:  # not a pickle of tensors at all (a text file, another format)
+        return f"cannot be unpickled: {unpickler[1].strip()}"
+    gist = (text.split(". ")[0].splitlines() or [type(err).__name__])[0][:200]
+    if "central directory" in text or isinstance(err, EOFError):
+        return f"cut short or corrupt: {gist}"
+    return f"cannot be loaded: {gist}"
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) -> nn.Module:

@@ -23,17 +23,21 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = ("last.pt", "best.pt")
 RUN_FILES = (*CHECKPOINTS, "log.csv", "config.json")
+NOTHING_TO_RESUME = "nothing to resume: no checkpoint in this folder (start without --resume)"
 
 
 def existing_checkpoints(run_dir: Path) -> list[str]:
     return [name for name in CHECKPOINTS if (run_dir / name).is_file()]
 
 
-def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
-    """Raise :class:`SparsesegError` when ``run_dir`` holds a run and neither ``--resume`` nor ``--overwrite``
-    says what to do with it (checked before the data are read)."""
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Before the data are read: without ``resume``, raise :class:`SparsesegError` when ``run_dir`` holds a run
+    and ``overwrite`` does not say to move it aside; with ``resume``, raise :class:`InputError` when it holds no
+    checkpoint at all."""
     found = existing_checkpoints(run_dir)
-    if found and not overwrite:
+    if resume and not found and not any(run_dir.glob("*.pt")):
+        raise InputError(NOTHING_TO_RESUME, run_dir)
+    if not resume and found and not overwrite:
         raise SparsesegError(f"holds a training run ({', '.join(found)}); continue it with --resume, or start "
                              f"afresh with --overwrite (moves the old run to {run_dir.name}.YYYYmmdd-HHMMSS)", run_dir)
 
@@ -88,7 +92,7 @@ def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
     others = sorted((p for p in run_dir.glob("*.pt") if p.name != last.name and p.is_file()),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     if not last.is_file() and not others:
-        raise InputError("nothing to resume: no checkpoint in this folder (start without --resume)", run_dir)
+        raise InputError(NOTHING_TO_RESUME, run_dir)
     skipped = [] if last.is_file() else ["last.pt: not found"]
     for path in [last, *others] if last.is_file() else others:
         try:

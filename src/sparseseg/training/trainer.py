@@ -61,9 +61,9 @@ from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer
 from sparseseg.training.run_folder import (
     RUN_FILES,
+    check_run_folder,
     find_resumable,
     move_aside,
-    refuse_existing_run,
     warn_if_short_of_space,
 )
 from sparseseg.training.run_state import restore, save_epoch, save_stop_point
@@ -168,8 +168,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     run_dir = Path(config.output)
     if info.is_main:  # before minutes of reading data
         check_writable(run_dir)
-        if not config.resume:
-            refuse_existing_run(run_dir, config.overwrite)
+        check_run_folder(run_dir, config.resume, config.overwrite)
     seed_everything(config.seed + info.rank)
     ds = load_dataset(config.dataset)
     train_cases, val_cases = split_cases(ds, config.fold, config.num_folds, config.seed)
@@ -232,10 +231,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                                     data_cfg, info, device, start, stop, f"epoch {epoch}/{config.epochs}")
                 if code > BUDGET_SPENT:
                     save_stop_point(run_dir, model, data_cfg, config, optimizer, scheduler, scaler, state, info,
-                                     code, epoch, losses, time.perf_counter() - t0, time.perf_counter() - start)
-                    raise Interrupted(f"{signal.Signals(code).name} in epoch {epoch} after step {len(losses)}/{iters};"
-                                      f" {run_dir / 'last.pt'} holds this point: rerun the same command with "
-                                      "--resume to continue", code)
+                                    code, epoch, losses, time.perf_counter() - t0, time.perf_counter() - start)
+                    raise _stopped(code, f"in epoch {epoch} after step {len(losses)}/{iters}", run_dir)
                 loss_sum = all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64), info,
                                           device)
                 row: dict[str, Any] = {"epoch": epoch, "iteration": scheduler.iteration,
@@ -253,10 +250,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                                  rngs)
                 barrier(info)
                 signum = max_over_processes(stop.signum or 0, info, device)  # arrived during validation or writing
-                if signum and epoch < config.epochs:
-                    raise Interrupted(f"{signal.Signals(signum).name} after epoch {epoch}/{config.epochs}; "
-                                      f"{run_dir / 'last.pt'} holds it: rerun the same command with --resume to "
-                                      "continue", signum)
+                if signum and epoch < config.epochs and code != BUDGET_SPENT:
+                    raise _stopped(signum, f"after epoch {epoch}/{config.epochs}", run_dir)
                 if code == BUDGET_SPENT:
                     if info.is_main:
                         log.info("time budget of %.0f s spent after %d epoch(s)", config.time_budget, epoch)
@@ -266,6 +261,11 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                 run_log.close()
     best = run_dir / "best.pt"
     return best if best.exists() else run_dir / "last.pt"
+
+
+def _stopped(signum: int, where: str, run_dir: Path) -> Interrupted:
+    return Interrupted(f"{signal.Signals(signum).name} {where}; {run_dir / 'last.pt'} holds this point: rerun the "
+                       "same command with --resume to continue", signum)
 
 
 def _epoch_batches(train_ds: CacheDataset, config: TrainConfig, iters: int, epoch: int, rank: int,
