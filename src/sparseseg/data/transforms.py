@@ -84,6 +84,13 @@ class DataConfig:
     def sigmoid(self) -> bool:
         return bool(self.regions)
 
+    @property
+    def segments(self) -> dict[str, list[int]]:
+        """Each output's name -> the label values it covers: the regions, or one class per foreground value."""
+        if self.regions:
+            return {name: list(r) for name, r in zip(self.class_names, self.regions, strict=True)}
+        return {name: [v] for v, name in zip(self.label_values, self.class_names, strict=False) if v != 0}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
