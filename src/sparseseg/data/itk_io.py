@@ -186,28 +186,30 @@ def _position(reader: sitk.ImageSeriesReader, index: int, file: Path) -> list[fl
 def check_slice_positions(positions: np.ndarray, normal: np.ndarray, files: list[Path], folder: Path) -> None:
     """Slices ``positions`` ``[N, 3]`` (in slice order) must be evenly spaced along ``normal`` with no gap."""
     steps = np.diff(positions @ normal)  # [N, 3] -> [N - 1]
-    spacing = float(steps.max(initial=0.0))
-    tolerance = max(SLICE_TOLERANCE * spacing, 1e-4)
-    for i, step in enumerate(steps):
-        pair = f"{files[i].name} and {files[i + 1].name}"
-        if step < tolerance:
-            raise InputError(f"two DICOM slices at the same position ({pair}): one series per folder", folder)
-    spacing = float(steps.min())
-    for i, step in enumerate(steps):
-        pair = f"{files[i].name} and {files[i + 1].name}"
-        ratio = step / spacing
-        if abs(step - spacing) <= tolerance:
-            continue
-        if ratio > 1.5 and abs(ratio - round(ratio)) * spacing <= tolerance:
-            raise InputError(f"DICOM series misses {round(ratio) - 1} slice(s) between {pair} ({step:.4g} mm apart, "
-                             f"slices elsewhere {spacing:.4g} mm)", folder)
-        raise InputError(f"DICOM series has uneven slice spacing: {step:.4g} mm between {pair}, {spacing:.4g} mm "
-                         "elsewhere", folder)
-    shift = np.linalg.norm(np.diff(positions, axis=0) - steps[:, None] * normal, axis=1)  # [N - 1]
+    tolerance = max(SLICE_TOLERANCE * float(np.median(steps)), 1e-4)
+
+    def pair(i: int) -> str:
+        return f"{files[i].name} and {files[i + 1].name}"
+
+    if (steps < tolerance).any():
+        i = int(np.argmax(steps < tolerance))
+        raise InputError(f"two DICOM slices at the same position ({pair(i)}): one series per folder", folder)
+    base = float(steps.min())
+    multiples = np.rint(steps / base)
+    if (np.abs(steps - multiples * base) <= tolerance).all() and multiples.max() > 1:  # whole slices left out
+        i = int(np.argmax(multiples > 1))
+        raise InputError(f"DICOM series misses {int(multiples[i]) - 1} slice(s) between {pair(i)} ({steps[i]:.4g} mm "
+                         f"apart, slices elsewhere {base:.4g} mm)", folder)
+    spacing = float(np.median(steps))
+    if (np.abs(steps - spacing) > tolerance).any():
+        i = int(np.argmax(np.abs(steps - spacing) > tolerance))
+        raise InputError(f"DICOM series has uneven slice spacing: {steps[i]:.4g} mm between {pair(i)}, {spacing:.4g} "
+                         "mm elsewhere", folder)
+    shift = np.linalg.norm(np.diff(positions, axis=0) - steps[:, None] * normal, axis=1)  # [N - 1, 3] -> [N - 1]
     if shift.max() > tolerance:
         i = int(shift.argmax())
-        raise InputError(f"DICOM slices shift {shift[i]:.4g} mm across their plane between {files[i].name} and "
-                         f"{files[i + 1].name} (a gantry tilt?); resample the series first", folder)
+        raise InputError(f"DICOM slices shift {shift[i]:.4g} mm across their plane between {pair(i)} (a gantry "
+                         "tilt?); resample the series first", folder)
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
