@@ -4,6 +4,7 @@ one line naming it (docs/robustness.md), and train -> predict -> evaluate runs o
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -143,3 +144,12 @@ def test_train_predict_evaluate_on_dicom_nrrd_and_metaimage(tmp_path, capsys):
                  str(root), "--output", str(tmp_path / "metrics.json")]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert result["num_cases"] == 1 and result["classes"] == ["ball", "core"] and nii.shape == (12, 12, 10)
+
+
+def test_dicom_seg_needs_highdicom(capsys, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # `import highdicom` now fails as if it were not installed
+    series = write_dicom_series(_image(), tmp_path / "in" / "scan")
+    _fails(capsys, ["predict", "--checkpoint", str(checkpoint), "--input", str(series), "--output",
+                    str(tmp_path / "out"), "--output-format", "dicom-seg"],
+           "sparseseg predict: error: DICOM SEG output needs highdicom and pydicom: pip install 'sparseseg[dicom]'")
+    assert not (tmp_path / "out").exists()

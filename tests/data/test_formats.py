@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
 
-from conftest import OBLIQUE, SAGITTAL, TEST_AFFINE, itk_volume, save, write_dicom_series
+from conftest import OBLIQUE, SAGITTAL, TEST_AFFINE, itk_volume, save, synthetic_case, write_dicom_series
+from sparseseg.data.datasets import load_dataset
 from sparseseg.data.formats import case_name, file_format, output_format_for, prediction_path
 from sparseseg.data.geometry import ImageGrid, itk_geometry, ras_affine
 from sparseseg.data.io import load_image, load_label, read_grid, read_header_shape
+from sparseseg.data.itk_io import check_slice_positions
 from sparseseg.data.outputs import write_image
+from sparseseg.data.transforms import DataConfig, build_transforms
 from sparseseg.errors import InputError
 
 DIRECTIONS = {"oblique": OBLIQUE, "sagittal": SAGITTAL}
@@ -221,3 +227,45 @@ def test_broken_dicom_series(tmp_path, kind, message):
     with pytest.raises(InputError) as err:
         load_image([folder])
     assert str(err.value) == f"{folder}: {message}"
+
+
+def test_slice_positions():
+    """The DICOM slice checks on positions alone: even steps pass, a shift across the plane is a gantry tilt."""
+    files = [Path(f"{c}.dcm") for c in "abcd"]
+    normal = np.array([0.0, 0.0, 1.0])
+    even = np.array([[0.0, 0.0, 2.0 * k] for k in range(4)])
+    check_slice_positions(even, normal, files, Path("series"))
+    tilted = even.copy()
+    tilted[2:, 0] += 1.0
+    with pytest.raises(InputError, match=r"series: DICOM slices shift 1 mm across their plane between b.dcm and "
+                                         r"c.dcm \(a gantry tilt\?\)"):
+        check_slice_positions(tilted, normal, files, Path("series"))
+
+
+def test_file_ending_must_be_an_image_format(nnunet_dataset):
+    meta = json.loads(nnunet_dataset.read_text())
+    nnunet_dataset.write_text(json.dumps({**meta, "file_ending": ".png"}))
+    with pytest.raises(InputError, match=r"dataset.json: file_ending '.png' is not an image format sparseseg reads"):
+        load_dataset(nnunet_dataset)
+
+
+def test_nnunet_dataset_of_nrrd_files(tmp_path):
+    """nnU-Net ``file_ending: .nrrd``: the training pipeline reads images and labels with their geometry."""
+    root = tmp_path / "Dataset002"
+    image, label = synthetic_case((10, 9, 8), seed=1)
+    for name, array, folder in (("c1_0000", image, "imagesTr"), ("c1", label, "labelsTr")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(itk_volume(array, SAGITTAL), str(root / folder / f"{name}.nrrd"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1,
+                                                   "b": 2}, "numTraining": 1, "file_ending": ".nrrd"}))
+    ds = load_dataset(root)
+    cfg = DataConfig(in_channels=1, label_values=[0, 1, 2], class_names=["background", "a", "b"], roi_size=[8, 8, 8],
+                     intensity="none", orientation="RAS")
+    case = ds.training[0]
+    d = build_transforms(cfg, "val")({"image": [str(p) for p in case.images], "label": str(case.label)})
+    assert nib.aff2axcodes(d["image"].affine.numpy()) == ("R", "A", "S")
+    # the sagittal file (voxel axes A, I, L) reoriented to RAS: image and label permuted and flipped alike
+    to_ras = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("A", "I", "L")),
+                                             nib.orientations.axcodes2ornt(("R", "A", "S")))
+    np.testing.assert_array_equal(d["image"][0].numpy(), nib.orientations.apply_orientation(image, to_ras))
+    np.testing.assert_array_equal(d["label"][0].numpy(), nib.orientations.apply_orientation(label, to_ras))

@@ -139,6 +139,7 @@ def test_dicom_seg_frames_equal_the_label_map(tmp_path, checkpoint, image, nifti
     seg = hd.seg.segread(out)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SOURCE_SERIES
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == SHAPE[2]  # every slice
     assert seg.StudyInstanceUID == pydicom.dcmread(next(src.iterdir())).StudyInstanceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["a", "b"]  # the checkpoint's class names
     frames = _seg_pixels(seg, src, combine=True)
