@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -49,28 +50,36 @@ def write_dicom_series(array: np.ndarray, folder: Path, direction=OBLIQUE, spaci
     (uneven spacing)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = itk_volume(array.astype(np.int16), direction, spacing, origin)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale (ASCII text I/O) for good
+    try:
+        _write_slices(image, folder, series, skip, shift or {})
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return folder
+
+
+def _write_slices(image: sitk.Image, folder: Path, series: int, skip: tuple[int, ...], shift: dict[int, float]) -> None:
     d = image.GetDirection()
     normal = np.asarray(d).reshape(3, 3)[:, 2]
     root = "1.2.826.0.1.3680043.8.498"
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(array.shape[2]):
+    for k in range(image.GetSize()[2]):
         if k in skip:
             continue
-        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k))) + (shift or {}).get(k, 0.0) * normal
+        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k))) + shift.get(k, 0.0) * normal
         tags = {"0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{root}.{series}.{k + 1}", "0008|0060": "CT",
                 "0010|0010": "Test^Patient", "0010|0020": "P001", "0020|000d": f"{root}.100",
                 "0020|000e": f"{root}.{series}", "0020|0011": str(series), "0020|0013": str(k + 1),
                 "0020|0052": f"{root}.200", "0020|0032": "\\".join(f"{v:.6f}" for v in position),
                 "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-                "0018|0050": str(spacing[2])}
+                "0018|0050": str(image.GetSpacing()[2])}
         slice_ = image[:, :, k]
         slice_.SetOrigin(tuple(float(v) for v in position))
         for tag, value in tags.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
         writer.Execute(slice_)
-    return folder
 
 
 def synthetic_case(shape=(24, 24, 24), seed: int = 0, channels: int = 1, ct: bool = True):
