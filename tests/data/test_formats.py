@@ -269,3 +269,26 @@ def test_nnunet_dataset_of_nrrd_files(tmp_path):
                                              nib.orientations.axcodes2ornt(("R", "A", "S")))
     np.testing.assert_array_equal(d["image"][0].numpy(), nib.orientations.apply_orientation(image, to_ras))
     np.testing.assert_array_equal(d["label"][0].numpy(), nib.orientations.apply_orientation(label, to_ras))
+
+
+def test_slicer_segmentation_of_a_block_is_placed_on_the_image_grid(tmp_path):
+    """3D Slicer saves a ``.seg.nrrd`` on the extent of its segments: a block of the image grid, placed back."""
+    image = itk_volume(_volume(), SAGITTAL)
+    sitk.WriteImage(image, str(tmp_path / "img.nrrd"))
+    grid = read_grid(tmp_path / "img.nrrd")
+    block = np.ones((3, 2, 2), np.uint8)
+    ijk = np.eye(4)
+    ijk[:3, :3] = np.asarray(SAGITTAL).reshape(3, 3) @ np.diag(image.GetSpacing())
+    ijk[:3, 3] = image.TransformIndexToPhysicalPoint((2, 1, 3))  # the block starts at voxel (2, 1, 3)
+    segments = [{"id": "s1", "name": "a", "labelValue": 1, "layer": 0}]
+    seg = {"voxels": block, "ijkToLPS": ijk, "segments": segments, "referenceImageExtentOffset": [2, 1, 3]}
+    slicerio.write_segmentation(str(tmp_path / "block.seg.nrrd"), seg)
+    lab = load_label(tmp_path / "block.seg.nrrd", reference=grid)
+    expected = np.zeros((7, 6, 5), np.int64)
+    expected[2:5, 1:3, 3:5] = 1
+    np.testing.assert_array_equal(lab.array[0], expected)
+    np.testing.assert_allclose(lab.affine, grid.affine)
+    ijk[:3, 3] += 0.25  # not on the image's voxels: refused as before
+    slicerio.write_segmentation(str(tmp_path / "off.seg.nrrd"), {**seg, "ijkToLPS": ijk})
+    with pytest.raises(InputError, match=r"off.seg.nrrd: label shape \(3, 2, 2\) differs from image shape"):
+        load_label(tmp_path / "off.seg.nrrd", (7, 6, 5), reference=grid)

@@ -15,20 +15,19 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from sparseseg.data.formats import case_name, image_format
+from sparseseg.data.formats import case_name, file_format, image_format
 from sparseseg.data.geometry import ImageGrid
 from sparseseg.data.itk_io import read_dicom_header, read_dicom_series, read_itk_file, read_itk_header
 from sparseseg.errors import InputError
 
 log = logging.getLogger(__name__)
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 SLICER_SEGMENTATION = ".seg.nrrd"
 
 
@@ -68,7 +67,7 @@ def strip_nifti_ending(name: str) -> str:
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_ENDINGS)
+    return file_format(path) == "nifti"
 
 
 def _existing_nifti(path: str | Path) -> Path:
@@ -233,17 +232,24 @@ def load_image(paths: Sequence[str | Path]) -> Volume:
 
 
 def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
-               label_values: Iterable[int] | None = None) -> Volume:
-    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values."""
+               label_values: Iterable[int] | None = None, reference: ImageGrid | None = None) -> Volume:
+    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values.
+
+    With the image's ``reference`` grid, a 3D Slicer ``.seg.nrrd`` stored on a block of that grid (Slicer saves the
+    extent of the segments) is placed into the whole grid.
+    """
     path = Path(path)
     data, grid = read_image(path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]  # [X, Y, Z, 1] -> [X, Y, Z]
-    if data.ndim == 4 and path.name.lower().endswith(SLICER_SEGMENTATION):
+    slicer = path.name.lower().endswith(SLICER_SEGMENTATION)
+    if data.ndim == 4 and slicer:
         raise InputError(f"3D Slicer segmentation with {data.shape[-1]} layers (overlapping segments); a label map "
                          "needs one layer (in Slicer: export the segments to a label map)", path)
     if data.ndim != 3:
         raise InputError(f"a label map must be 3-D, got shape {data.shape}", path)
+    if slicer and reference is not None and tuple(data.shape) != reference.shape:
+        data, grid = _onto_grid(data, grid, reference)
     if spatial_shape is not None and tuple(data.shape) != tuple(spatial_shape):
         raise InputError(f"label shape {tuple(data.shape)} differs from image shape {tuple(spatial_shape)}", path)
     if np.issubdtype(data.dtype, np.floating):
@@ -261,6 +267,21 @@ def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
                 f"label value(s) {unexpected.tolist()} not in the dataset labels {allowed.tolist()}", path
             )
     return Volume(array=labels[None], grid=grid)
+
+
+def _onto_grid(block: np.ndarray, grid: ImageGrid, reference: ImageGrid) -> tuple[np.ndarray, ImageGrid]:
+    """``block`` ``[x, y, z]`` placed into zeros on ``reference`` ``[X, Y, Z]`` when its voxels are voxels of the
+    reference (same axes and spacing, a whole-voxel offset, inside); else returned unchanged."""
+    to_reference = np.linalg.inv(reference.affine) @ grid.affine  # block voxel -> reference voxel
+    offset = to_reference[:3, 3]
+    start = np.rint(offset).astype(int)
+    end = start + np.asarray(block.shape)
+    if (not np.allclose(to_reference[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(offset, start, atol=1e-3)
+            or (start < 0).any() or (end > np.asarray(reference.shape)).any()):
+        return block, grid
+    whole = np.zeros(reference.shape, dtype=block.dtype)
+    whole[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = block
+    return whole, replace(reference, path=grid.path, format=grid.format, nifti_header=None, files=())
 
 
 def atomic_write(path: str | Path, write) -> Path:

@@ -64,9 +64,8 @@ def _grid(path: Path, fmt: str, shape: tuple[int, ...], origin, spacing, directi
     """Check the header geometry of a 3-D or 4-D image and build its grid (the first three axes)."""
     if len(shape) not in (3, 4):
         raise InputError(f"expected a 3-D or 4-D volume, got {len(shape)}-D shape {tuple(shape)}", path)
-    dim = len(direction) if len(direction) in (9, 16) else 9
-    n = int(round(dim**0.5))
-    direction3 = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]
+    n = round(len(direction) ** 0.5)  # the image's axes: 3, or 4 for a 4-D image
+    direction3 = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]  # [N, N] -> [3, 3]
     spacing3 = np.asarray(spacing[:3], dtype=np.float64)
     if not np.isfinite(spacing3).all() or (spacing3 <= 0).any():
         raise InputError(f"invalid voxel spacing {tuple(float(s) for s in spacing3)} in the header (must be finite "
@@ -113,12 +112,6 @@ def read_itk_header(path: Path, fmt: str) -> tuple[tuple[int, ...], ImageGrid]:
     """The array shape ``[X, Y, Z(, C)]`` and grid of a NRRD or MetaImage file, from its header alone."""
     reader = _file_reader(path, fmt)
     return _shape(reader.GetSize(), reader.GetNumberOfComponents()), _file_grid(reader, path, fmt)
-
-
-def metadata(path: Path, fmt: str) -> dict[str, str]:
-    """The header's key/value fields (e.g. a 3D Slicer ``.seg.nrrd``'s ``Segment0_Name``)."""
-    reader = _file_reader(path, fmt)
-    return {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
 
 
 # -- DICOM series ------------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class LoadCased(MapTransform):
         affine = torch.as_tensor(vol.affine, dtype=torch.float64)
         d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array)), affine=affine, meta=meta)
         if d.get("label") is not None:
-            lab = load_label(d["label"], vol.spatial_shape, self.label_values)
+            lab = load_label(d["label"], vol.spatial_shape, self.label_values, reference=vol.grid)
             d["label"] = MetaTensor(torch.from_numpy(lab.array), affine=affine.clone(),
                                     meta={"filename_or_obj": str(lab.path)})
         return d

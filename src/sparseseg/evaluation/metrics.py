@@ -29,7 +29,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from sparseseg.data.datasets import load_dataset
 from sparseseg.data.formats import case_name, is_image_file
-from sparseseg.data.io import atomic_write, load_label
+from sparseseg.data.io import atomic_write, load_label, read_grid
 from sparseseg.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _is_regions(classes: dict[str, list[int]]) -> bool:
 
 def _score_case(name: str, pred_path: Path, ref_path: Path, classes: dict[str, list[int]] | None,
                 allowed: list[int] | None) -> dict[str, Any]:
-    ref = load_label(ref_path, label_values=allowed)
+    ref = load_label(ref_path, label_values=allowed, reference=read_grid(pred_path))  # Slicer blocks placed
     pred = load_label(pred_path, spatial_shape=ref.spatial_shape, label_values=allowed)
     if not np.allclose(pred.affine, ref.affine, atol=1e-3, rtol=1e-4):
         raise InputError(f"prediction grid (affine) differs from the reference {ref_path}", pred_path)
