@@ -54,11 +54,16 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from sparseseg.recipes import RECIPES
+
     p = sub.add_parser("train", help="train a model on an MSD / nnU-Net dataset",
                        description="Train a registered model. Flags override --config FILE (YAML), which overrides "
-                                   "the defaults; see docs/pipeline.md.")
+                                   "the --recipe, which overrides the defaults; see docs/pipeline.md.")
     S = argparse.SUPPRESS  # only flags that are given override the config file
     p.add_argument("--config", metavar="FILE", help="YAML file of training config keys")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=S,
+                   help="named set of config values under the file and the flags: btcv, brats = the STP + MTA "
+                        "authors' runs (for unetr and stp_mta_unetr)")
     p.add_argument("--dataset", default=S, help="dataset.json (MSD or nnU-Net v2) or its folder")
     p.add_argument("--model", default=S, help="registered model name (see `sparseseg models`)")
     p.add_argument("--output", default=S, help="run directory (config.json, log.csv, last.pt, best.pt)")
@@ -66,7 +71,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi-size", type=int, nargs="+", default=S, metavar="N", help="crop size: N or D H W")
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--iters-per-epoch", type=int, default=S, help="default: one pass over the training cases")
-    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--batch-size", type=int, default=S, help="volumes per step (the learning rate scales with it)")
+    p.add_argument("--num-samples", type=int, default=S, help="random crops per volume per step (default 1)")
     p.add_argument("--lr", type=float, default=S, help="plain learning rate (default: base_lr * batch / 256)")
     p.add_argument("--prune-ratio", type=float, default=S, help="token pruning ratio of a sparse model")
     p.add_argument("--fold", type=int, default=S, help="validation fold of the seeded k-fold split")
@@ -298,13 +304,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="stp_mta_unetr", choices=["stp_mta_unetr", "veloxseg", "tokenseg"],
                    help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both models (default 3e-3)")
+    p.add_argument("--pruned-mask", choices=["before_norm", "after_norm"], default="before_norm",
+                   help="stp_mta_unetr: where MTA multiplies the pruned tokens by 1 - M; before_norm (the authors') "
+                        "lets only the kept tokens train the scorer, after_norm both (default before_norm)")
     p.add_argument("--seed", type=int, default=0)
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
+                          pruned_mask=args.pruned_mask)
         sys.stdout.write(f"wrote {report}\n")
         return 0
 

@@ -9,8 +9,8 @@ from the checkpoint alone. Pipeline, in order (spatial steps are invertible, see
    each channel over its non-zero voxels; ``none`` leaves values alone;
 4. labels: class indices ``[1, D, H, W]``, or multi-hot regions ``[R, D, H, W]`` (e.g. BraTS TC/WT/ET);
 5. optional crop to the non-zero foreground of the image;
-6. training only: pad to the ROI, random ROI crops centred on foreground/background with probability 1:1, random
-   flips, rot90, intensity scale and shift (the UNETR recipe).
+6. training only: pad to the ROI, ``num_samples`` random ROI crops per case centred on foreground/background with
+   probability 1:1, random flips, rot90, intensity scale and shift (the UNETR recipe).
 """
 
 from __future__ import annotations
@@ -162,12 +162,12 @@ def _intensity(cfg: DataConfig) -> list:
     return []
 
 
-def _augment(cfg: DataConfig) -> list:
+def _augment(cfg: DataConfig, num_samples: int = 1) -> list:
     roi = list(cfg.roi_size)
     ts: list = [
         SpatialPadd(keys=["image", "label"], spatial_size=roi),
         RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=1, neg=1,
-                               num_samples=1, allow_smaller=True),
+                               num_samples=num_samples, allow_smaller=True),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=0),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=1),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=2),
@@ -181,10 +181,11 @@ def _augment(cfg: DataConfig) -> list:
     return ts
 
 
-def build_transforms(cfg: DataConfig, mode: str = "train") -> Compose:
+def build_transforms(cfg: DataConfig, mode: str = "train", num_samples: int = 1) -> Compose:
     """The MONAI pipeline for ``mode`` in ``{"train", "val", "infer"}`` (``infer``: image only).
 
-    Input dicts hold ``"image"`` (a list of paths) and, for train/val, ``"label"`` (a path).
+    Input dicts hold ``"image"`` (a list of paths) and, for train/val, ``"label"`` (a path). In training each case
+    gives a list of ``num_samples`` random crops, which MONAI's ``DataLoader`` flattens into the batch.
     """
     if mode not in ("train", "val", "infer"):
         raise ValueError(f"mode must be train, val or infer, got {mode!r}")
@@ -198,7 +199,7 @@ def build_transforms(cfg: DataConfig, mode: str = "train") -> Compose:
     if cfg.crop_foreground:
         ts.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
     if mode == "train":
-        ts += _augment(cfg)
+        ts += _augment(cfg, num_samples)
     ts.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
     return Compose(ts)
 
