@@ -109,16 +109,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment NIfTI volumes with a checkpoint",
-                       description="Sliding-window inference; writes OUTPUT/CASE.nii.gz on each input's grid.")
+    p = sub.add_parser("predict", help="segment 3-D scans (NIfTI, NRRD, MetaImage, DICOM series) with a checkpoint",
+                       description="Sliding-window inference; writes one label map per case on its input's grid, "
+                                   "in the input's format by default: OUTPUT/CASE.nii.gz, CASE.seg.nrrd, CASE.mha "
+                                   "(NIfTI for a DICOM series).")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt of `sparseseg train`")
-    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s); CASE_0000, ... channels")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image file(s) (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd), DICOM series folder(s) (one series "
+                        "each) and/or folders of them; CASE_0000, CASE_0001, ... are the channels of CASE")
     p.add_argument("--output", required=True, help="output folder (must not contain the inputs)")
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+    p.add_argument("--output-format", choices=["nifti", "nrrd", "mha", "dicom-seg"], default=None,
+                   help="format of the label maps (default: the input's; NIfTI for a DICOM series): nifti "
+                        "(CASE.nii.gz), nrrd (CASE.seg.nrrd, 3D Slicer segments), mha (CASE.mha), dicom-seg (CASE.dcm, "
+                        "a DICOM SEG referencing the input series; needs sparseseg[dicom])")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE_probabilities.nii.gz ([X, Y, Z, K] float32; .nrrd / .mha in those formats)")
     p.add_argument("--stitch-device", default="auto",
                    help="where each whole volume is stitched (MONAI's device; --device is its sw_device): auto "
                         "(--device, or cpu for volumes too large for the GPU), cpu, cuda")
@@ -131,7 +140,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, output_format=args.output_format)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -140,8 +149,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against reference labels")
-    p.add_argument("--pred", required=True, help="folder of predicted CASE.nii.gz")
-    p.add_argument("--label", required=True, help="folder of reference CASE.nii.gz")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (CASE.nii.gz, .seg.nrrd, .mha, ...)")
+    p.add_argument("--label", required=True, help="folder of reference label maps (CASE.nii.gz, .nrrd, .mha, ...)")
     p.add_argument("--output", default=None, help="metrics.json to write")
     p.add_argument("--dataset", default=None, help="dataset.json for class names and regions (BraTS TC/WT/ET)")
     p.add_argument("--label-mode", choices=["auto", "classes", "regions"], default="auto",

@@ -84,6 +84,13 @@ class DataConfig:
     def sigmoid(self) -> bool:
         return bool(self.regions)
 
+    @property
+    def segments(self) -> dict[str, list[int]]:
+        """Each output's name -> the label values it covers: the regions, or one class per foreground value."""
+        if self.regions:
+            return {name: list(r) for name, r in zip(self.class_names, self.regions, strict=True)}
+        return {name: [v] for v, name in zip(self.label_values, self.class_names, strict=False) if v != 0}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -111,7 +118,7 @@ class LoadCased(MapTransform):
         affine = torch.as_tensor(vol.affine, dtype=torch.float64)
         d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array)), affine=affine, meta=meta)
         if d.get("label") is not None:
-            lab = load_label(d["label"], vol.spatial_shape, self.label_values)
+            lab = load_label(d["label"], vol.spatial_shape, self.label_values, reference=vol.grid)
             d["label"] = MetaTensor(torch.from_numpy(lab.array), affine=affine.clone(),
                                     meta={"filename_or_obj": str(lab.path)})
         return d
