@@ -81,6 +81,10 @@ def restore(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig
     for key in ("optimizer", "scheduler", "scaler", "rng", "epoch"):
         if key not in ckpt:
             raise InputError(f"cannot resume: the checkpoint has no training state ({key!r} missing)", path)
+    changed = config.changed_settings(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else []
+    if changed:
+        raise InputError(f"cannot resume: the config changes {'; '.join(changed)} (only "
+                         f"{', '.join(TrainConfig.RESUMABLE_CHANGES)} may change on --resume)", path)
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

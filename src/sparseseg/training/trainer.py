@@ -5,14 +5,15 @@ crops), a per-epoch log line, a row in ``RUN_DIR/log.csv`` (and TensorBoard when
 validation every ``val_every`` epochs and at the end, then ``last.pt`` (and ``best.pt`` on a new best mean
 Dice), each written atomically. ``resume=True`` restores model, optimizer, schedule, scaler, RNG states and
 history from ``RUN_DIR/last.pt`` (or, when it cannot be read, the newest readable checkpoint of the folder) and
-continues bit-for-bit where it stopped (same config, same device, same number of processes). A folder that holds a
-run is refused without ``resume``; ``overwrite=True`` moves it aside first (:mod:`sparseseg.training.run_folder`).
+continues bit-for-bit where it stopped (same config, same device, same number of processes); a config that differs
+from the checkpoint's in anything but :attr:`TrainConfig.RESUMABLE_CHANGES` (e.g. another recipe) is refused. A
+folder that holds a run is refused without ``resume``; ``overwrite=True`` moves it aside first
+(:mod:`sparseseg.training.run_folder`).
 
 SIGTERM or SIGINT ends the current step, writes ``last.pt`` with the position inside the epoch (the steps done,
 their losses, every process's random state: :mod:`sparseseg.training.run_state`) and raises
 :class:`~sparseseg.errors.Interrupted`; resuming replays the epoch's seeded crops up to that step and goes on as if
-never stopped. A signal during validation takes effect
-once validation and the epoch's checkpoints are done.
+never stopped. A signal during validation takes effect once validation and the epoch's checkpoints are done.
 
 Under ``torchrun`` every process trains (DDP) and validates a shard of the validation cases (Dice sums
 all-reduced); process 0 writes; the processes agree after every step whether to stop
@@ -121,7 +122,7 @@ class _RunLog:
 
 def _loaders(config: TrainConfig, data_cfg, train_cases: list[Case], val_cases: list[Case]):
     with unwrap_input_errors():
-        train_ds = CacheDataset(_items(train_cases), build_transforms(data_cfg, "train"),
+        train_ds = CacheDataset(_items(train_cases), build_transforms(data_cfg, "train", config.num_samples),
                                 cache_rate=config.cache_rate, num_workers=None, progress=False)
         val_ds = CacheDataset(_items(val_cases), build_transforms(data_cfg, "val"),
                               cache_rate=config.cache_rate, num_workers=None, progress=False) if val_cases else None
@@ -183,7 +184,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     scheduler = WarmupCosine(optimizer, lr, config.epochs * iters, config.warmup_fraction, config.min_lr_ratio,
                              config.time_budget)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
-    loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid)
+    loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid, squared_pred=config.squared_pred,
+                               smooth_nr=config.smooth_nr, smooth_dr=config.smooth_dr)
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "elapsed": 0.0, "history": []}
     if config.resume:
         path, ckpt, skipped = find_resumable(run_dir)
