@@ -18,7 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 import sparseseg.checkpoint as checkpoint_mod
@@ -192,6 +194,20 @@ def test_torch_writer_failure_without_its_cause(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_writer_that_ignores_a_full_disk(tmp_path, monkeypatch):
+    """ITK's NRRD / MetaImage writers leave an empty file on a full disk and raise nothing: a file that leaves the
+    disk without a free block is not put in place (``os.statvfs`` reports the full disk here)."""
+    import sparseseg.data.io as io_mod
+
+    target = tmp_path / "case.nrrd"
+    target.write_text("previous")
+    full = os.statvfs(tmp_path)
+    monkeypatch.setattr(io_mod.os, "statvfs", lambda p: os.statvfs_result((*full[:3], 0, 0, *full[5:])))
+    with pytest.raises(WriteError, match="case.nrrd: cannot write: no space left on device.*previous file is intact"):
+        atomic_write(target, lambda tmp: tmp.write_bytes(b""))  # what the silent writer leaves
+    assert target.read_text() == "previous" and _temporaries(tmp_path) == []
+
+
 # ---- a read-only folder ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "permission"])
@@ -251,8 +267,18 @@ def test_full_then_read_only_tmpfs(tmp_path, dataset, capsys, small_disk):
     with pytest.raises(WriteError, match="no space left on device"):  # torch.save given a file name
         atomic_write(run / "plain.pt", lambda tmp: torch.save({"w": torch.zeros(100_000)}, tmp))
     assert _temporaries(run) == [] and not (run / "plain.pt").exists()
+    with pytest.raises(OSError), open(small_disk / "filler2", "wb") as f:  # every block taken
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    small = sitk.GetImageFromArray(np.zeros((20, 20, 20), np.uint8))  # ITK writes 0 bytes and raises nothing
+    for name in ("label.nrrd", "label.mha"):
+        with pytest.raises(WriteError, match=f"{name}: cannot write: no space left on device"):
+            atomic_write(run / name, lambda tmp: sitk.WriteImage(small, str(tmp), useCompression=True))
+    assert _temporaries(run) == []
 
     (small_disk / "filler").unlink()
+    (small_disk / "filler2").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     _one_line(capsys, main(_train_argv(dataset, run, "--resume")), 2, f"{run}: output folder is not writable")
     with pytest.raises(WriteError, match="last.pt: cannot write: read-only file system; the previous file is intact"):

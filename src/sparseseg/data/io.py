@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -295,7 +294,9 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
     created raises :class:`InputError` naming ``path``. A full disk, a read-only file system or a refused
     permission, while creating the temporary or writing it, raises :class:`~sparseseg.errors.WriteError` naming
     ``path`` (with the bytes it needed, ``size`` when the caller knows it, and the bytes free), after the
-    temporary is removed: the previous ``path`` is intact.
+    temporary is removed: the previous ``path`` is intact. So does a write that leaves the disk without a free
+    block: some writers ignore a full disk (ITK's NRRD and MetaImage writers leave an empty or cut file and raise
+    nothing), so such a file is not trusted.
     """
     path = Path(path)
     previous = path.exists()
@@ -312,6 +313,8 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if _no_free_block(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         os.replace(tmp, path)
     except BaseException as err:
         code = _write_fault(err, path.parent, size)
@@ -329,8 +332,10 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
 # permission, a failing device.
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                           errno.EIO})
-# What torch.save / torch.jit.save to a file *name* raise when the disk fills: the errno is lost in C++.
-_TORCH_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error")
+# Writers in C++ that lose the errno of a full disk raise their own error instead (torch.save to a file name:
+# "[enforce fail at inline_container.cc] . unexpected pos ..."; ITK: "Write: Error writing ..."): an error while
+# the disk has less than this left (or less than the file needed) is taken for a full disk.
+NEARLY_FULL = 1 << 20
 
 
 def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | None:
@@ -341,11 +346,22 @@ def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | No
         if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
             return err.errno
         err = err.__cause__ or err.__context__
-    if any(isinstance(e, RuntimeError) and _TORCH_WRITER_FAILURE.search(str(e)) for e in seen):
+    if isinstance(seen[0], Exception):
         free = _free_bytes(folder)  # the partial temporary still fills the disk here
-        if free is not None and free < max(size or 0, 1 << 20):
+        if free is not None and free < max(size or 0, NEARLY_FULL):
             return errno.ENOSPC
     return None
+
+
+def _no_free_block(folder: Path) -> bool:
+    """The file system of ``folder`` has no block left for this process (root may use the blocks reserved for it)."""
+    if not hasattr(os, "statvfs"):  # Windows
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
 
 
 def _free_bytes(folder: Path) -> int | None:
