@@ -333,8 +333,8 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
 WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                           errno.EIO})
 # Writers in C++ that lose the errno of a full disk raise their own error instead (torch.save to a file name:
-# "[enforce fail at inline_container.cc] . unexpected pos ..."; ITK: "Write: Error writing ..."): an error while
-# the disk has less than this left (or less than the file needed) is taken for a full disk.
+# "[enforce fail at inline_container.cc] . unexpected pos ..."; ITK: "Write: Error writing ..."): a RuntimeError
+# while the disk has less than this left (or less than the file needed) is taken for a full disk.
 NEARLY_FULL = 1 << 20
 
 
@@ -346,7 +346,7 @@ def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | No
         if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
             return err.errno
         err = err.__cause__ or err.__context__
-    if isinstance(seen[0], Exception):
+    if isinstance(seen[0], RuntimeError):  # what C++ writers raise
         free = _free_bytes(folder)  # the partial temporary still fills the disk here
         if free is not None and free < max(size or 0, NEARLY_FULL):
             return errno.ENOSPC
