@@ -58,7 +58,7 @@ def _one_line(capsys, code: int, expected_code: int, *needles: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == expected_code, err
     line = err[-1]
-    assert line.startswith("sparseseg train: ") or line.startswith("sparseseg evaluate: "), line
+    assert line.startswith(("sparseseg train: ", "sparseseg evaluate: ")), line
     for needle in needles:
         assert needle in line, line
     return line
@@ -114,7 +114,7 @@ class _FillingFile:
     """A binary file that accepts ``room`` bytes, then fails as a full disk does (ENOSPC from ``write``)."""
 
     def __init__(self, path, mode: str, room: int):
-        self.f = open(path, mode)  # noqa: SIM115 - closed in close()
+        self.f = open(path, mode)  # closed by __exit__
         self.room = room
 
     def write(self, data) -> int:
@@ -382,15 +382,12 @@ def test_signal_during_validation_stops_after_the_epoch(tmp_path, dataset, capsy
     _same_training(tmp_path / "uninterrupted" / "last.pt", run / "last.pt")
 
 
-DDP_STOP_ARGV = ["--nproc_per_node", "2"]
-
-
 @pytest.mark.slow
 def test_torchrun_sigterm_to_one_process_stops_both(tmp_path, dataset, one_thread):
     """SIGTERM reaches process 0 only: after the same step both stop, process 0 writes last.pt holding both random
     states and loss lists, and the resumed two-process run ends with the weights of an uninterrupted one."""
     run = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", *DDP_STOP_ARGV]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     argv = [*_train_argv(dataset, run), "--batch-size", "1", "--device", "cpu"]
     code, stderr = _stop_child(tmp_path, argv, signal.SIGTERM, after=2, launcher=torchrun)
     assert code != 0
