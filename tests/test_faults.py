@@ -436,7 +436,7 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, dataset, 
               f"{empty}: nothing to resume: no checkpoint in this folder (start without --resume)")
 
 
-# ---- the stop-request helper ----------------------------------------------------------------------------------------
+# ---- the stop request ------------------------------------------------------------------------------------------------
 
 def test_stop_request_sets_a_flag_and_restores_the_handlers():
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
