@@ -37,7 +37,8 @@ real_save = torch.save
 def save_then_die(obj, f, *args, **kwargs):  # SIGKILL half-way through writing the epoch-2 checkpoint
     real_save(obj, f, *args, **kwargs)
     if isinstance(obj, dict) and obj.get("epoch") == 2:
-        os.truncate(f, os.path.getsize(f) // 2)
+        f.flush()  # f is the open temporary file
+        os.truncate(f.name, os.path.getsize(f.name) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -85,7 +85,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=S, metavar="SECONDS", help="stop training after this time")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument (repeatable), e.g. hidden_size=192")
-    p.add_argument("--resume", action="store_true", default=S, help="continue from OUTPUT/last.pt")
+    p.add_argument("--resume", action="store_true", default=S,
+                   help="continue from OUTPUT/last.pt (or the newest readable checkpoint there)")
+    p.add_argument("--overwrite", action="store_true", default=S,
+                   help="OUTPUT holds a run: move it to a dated sibling folder (OUTPUT.YYYYmmdd-HHMMSS) and start "
+                        "afresh; nothing is deleted")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.config import build_config
@@ -352,9 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_cublas_addmm()  # GPU: nn.Linear without cuBLASLt's per-call host cost (sparseseg/runtime.py)
     try:
         return int(args.func(args) or 0)
-    except SparsesegError as err:
-        sys.stderr.write(f"sparseseg {args.command}: error: {err}\n")
-        return 2
+    except SparsesegError as err:  # exit codes: sparseseg/errors.py
+        sys.stderr.write(f"sparseseg {args.command}: {err.label}: {err}\n")
+        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -72,6 +72,7 @@ class TrainConfig:
     sw_batch_size: int = 4
     time_budget: float | None = None  # seconds of steps + validations; training and the schedule end on it
     resume: bool = False  # continue from OUTPUT/last.pt
+    overwrite: bool = False  # OUTPUT holds a run: move it to a dated sibling folder and start afresh
     num_workers: int = 0
     cache_rate: float = 1.0  # fraction of preprocessed cases kept in memory
     tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
@@ -79,8 +80,8 @@ class TrainConfig:
     # Fields a resumed run may change; any other difference from the checkpoint's config would silently change the
     # run (the recipe, the crops, the loss, the schedule...).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
-        "dataset", "output", "epochs", "time_budget", "resume", "device", "val_every", "overlap", "sw_batch_size",
-        "num_workers", "cache_rate", "tensorboard")
+        "dataset", "output", "epochs", "time_budget", "resume", "overwrite", "device", "val_every", "overlap",
+        "sw_batch_size", "num_workers", "cache_rate", "tensorboard")
 
     def changed_settings(self, stored: dict[str, Any]) -> list[str]:
         """``"name: stored -> now"`` for every field outside :attr:`RESUMABLE_CHANGES` whose value differs from
@@ -122,6 +123,7 @@ class TrainConfig:
             (self.time_budget is None or self.time_budget > 0, "time_budget must be > 0 seconds"),
             (0.0 <= self.warmup_fraction < 1.0, "warmup_fraction must be in [0, 1)"),
             (self.learning_rate() > 0, "the learning rate must be > 0"),
+            (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
         ]
         for ok, message in checks:
             if not ok:

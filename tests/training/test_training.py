@@ -18,6 +18,7 @@ from sparseseg.data.transforms import DataConfig
 from sparseseg.errors import InputError
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import create_model
+from sparseseg.training import run_state
 from sparseseg.training import trainer as trainer_mod
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer, layer_ids, param_groups
@@ -164,7 +165,7 @@ def test_resume_gives_the_same_weights(tmp_path, msd_dataset, monkeypatch):
     full = trainer_mod.train(_cfg(msd_dataset, tmp_path / "full"))
     assert full.name == "best.pt"
 
-    real_save = trainer_mod.save_checkpoint
+    real_save = run_state.save_checkpoint
 
     def interrupt_after_first_epoch(path, *args, **kwargs):
         out = real_save(path, *args, **kwargs)
@@ -172,10 +173,10 @@ def test_resume_gives_the_same_weights(tmp_path, msd_dataset, monkeypatch):
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", interrupt_after_first_epoch)
+    monkeypatch.setattr(run_state, "save_checkpoint", interrupt_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         trainer_mod.train(_cfg(msd_dataset, tmp_path / "split"))
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
     trainer_mod.train(_cfg(msd_dataset, tmp_path / "split", resume=True))
 
@@ -207,8 +208,8 @@ def test_resume_restores_each_process_random_state(tmp_path, msd_dataset):
                     rng=states[0], rng_per_rank=states)
     for rank in (0, 1):
         torch.manual_seed(99)
-        trainer_mod._resume(tmp_path / "last.pt", model, optimizer, scheduler, scaler, cfg,
-                            trainer_mod.DistInfo(rank=rank, world_size=2))
+        run_state.restore(tmp_path / "last.pt", model, optimizer, scheduler, scaler, cfg,
+                          trainer_mod.DistInfo(rank=rank, world_size=2))
         assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
 
 

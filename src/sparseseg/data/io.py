@@ -11,8 +11,10 @@ Predictions are written on the input's grid in NIfTI, NRRD, MetaImage or as a DI
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ import numpy as np
 from sparseseg.data.formats import case_name, file_format, image_format
 from sparseseg.data.geometry import ImageGrid
 from sparseseg.data.itk_io import read_dicom_header, read_dicom_series, read_itk_file, read_itk_header
-from sparseseg.errors import InputError
+from sparseseg.errors import DISK_FULL, InputError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -284,30 +286,95 @@ def _onto_grid(block: np.ndarray, grid: ImageGrid, reference: ImageGrid) -> tupl
     return whole, replace(reference, path=grid.path, format=grid.format, nifti_header=None, files=())
 
 
-def atomic_write(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A process killed at any moment leaves either the previous ``path`` or the new one, never a partial file (at
     worst a hidden ``.NAME.<random>`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
-    written raises :class:`InputError` naming ``path``.
+    created raises :class:`InputError` naming ``path``. A full disk, a read-only file system or a refused
+    permission, while creating the temporary or writing it, raises :class:`~sparseseg.errors.WriteError` naming
+    ``path`` (with the bytes it needed, ``size`` when the caller knows it, and the bytes free), after the
+    temporary is removed: the previous ``path`` is intact. So does a write that leaves the disk without a free
+    block: some writers ignore a full disk (ITK's NRRD and MetaImage writers leave an empty or cut file and raise
+    nothing), so such a file is not trusted.
     """
     path = Path(path)
+    previous = path.exists()
     suffix = "".join(path.suffixes) or ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:
+        if err.errno in WRITE_FAULTS:
+            raise _write_error(path, err.errno, size, previous) from err
         raise InputError(f"cannot write here ({_one_line(err)})", path) from err
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if _no_free_block(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        code = _write_fault(err, path.parent, size)
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError as unlink_err:
+            log.warning("%s: could not remove the temporary (%s)", tmp, _one_line(unlink_err))
+        if code is not None:
+            raise _write_error(path, code, size, previous) from err
         raise
     return path
+
+
+# Errors of the file system, not of the data: a full disk or quota, a file too large, a read-only mount, a refused
+# permission, a failing device.
+WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EIO})
+# Writers in C++ that lose the errno of a full disk raise their own error instead (torch.save to a file name:
+# "[enforce fail at inline_container.cc] . unexpected pos ..."; ITK: "Write: Error writing ..."): a RuntimeError
+# while the disk has less than this left (or less than the file needed) is taken for a full disk.
+NEARLY_FULL = 1 << 20
+
+
+def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | None:
+    """The errno of the file-system fault behind ``err`` (its own, or one it was raised from), else None."""
+    seen: list[BaseException] = []
+    while err is not None and len(seen) < 16:
+        seen.append(err)
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    if isinstance(seen[0], RuntimeError):  # what C++ writers raise
+        free = _free_bytes(folder)  # the partial temporary still fills the disk here
+        if free is not None and free < max(size or 0, NEARLY_FULL):
+            return errno.ENOSPC
+    return None
+
+
+def _no_free_block(folder: Path) -> bool:
+    """The file system of ``folder`` has no block left for this process (root may use the blocks reserved for it)."""
+    if not hasattr(os, "statvfs"):  # Windows
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_error(path: Path, code: int, size: int | None, previous: bool) -> WriteError:
+    disk_full = code in DISK_FULL
+    return WriteError(path, code, os.strerror(code).lower(), needed=size if disk_full else None,
+                      free=_free_bytes(path.parent) if disk_full else None, previous_kept=previous)
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:
