@@ -290,12 +290,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both models (default 3e-3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="constructor argument of the --model model (repeatable), e.g. skips=dense for tokenseg")
 
     def run(args: argparse.Namespace) -> int:
+        from sparseseg.config import parse_model_args
         from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
+                          model_args=parse_model_args(args.model_arg))
         sys.stdout.write(f"wrote {report}\n")
         return 0
 

@@ -8,8 +8,10 @@ from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.tokenseg.boundary import (
     TokenSelection,
     boundary_band,
+    boundary_report,
     cell_band_fraction,
     cell_touches_band,
+    chance_boundary_fraction,
     selected_boundary_fraction,
 )
 from sparseseg.models.tokenseg.model import TokenSeg
@@ -215,6 +217,53 @@ def test_selection_maps_and_boundary_fraction():
     touch = sel.touches_band(boundary_band(label, 1))
     assert touch.tolist() == [[False, False, True]]  # (0,0,0)@2 covers x 0-1, (3,3,3)@2 covers x 6-7
     assert torch.allclose(selected_boundary_fraction(sel, label, 1), torch.tensor([1 / 3]))
+
+
+def _plane_selection(levels: list[int], cells: list[list[int]]) -> tuple[TokenSelection, torch.Tensor]:
+    """A selection on an 8^3 volume (levels of stride 2 and 4) and a label whose boundary is the plane between
+    x = 3 and x = 4: at radius 1 the band is x in {3, 4}."""
+    sel = TokenSelection(levels=torch.tensor([levels]), cells=torch.tensor([cells]), scores=torch.zeros(1, len(levels)),
+                         strides=(2, 4), grid_sizes=((4, 4, 4), (2, 2, 2)))
+    label = torch.zeros(1, 1, 8, 8, 8)
+    label[..., 4:] = 1
+    return sel, label
+
+
+def test_boundary_fraction_share_and_chance_on_a_plane():
+    # level 0: x-cells [0, 1] [2, 3] [4, 5] [6, 7]: the middle two touch the band, each half inside it;
+    # level 1: x-cells [0..3] [4..7] both touch it, a quarter inside
+    sel, label = _plane_selection([0, 0, 0, 1], [[0, 0, 1], [1, 2, 2], [3, 3, 3], [0, 0, 1]])
+    report = boundary_report(sel, label, radius=1)
+    assert torch.allclose(report["touches"], torch.tensor([3 / 4]))
+    assert torch.allclose(report["share"], torch.tensor([(0.5 + 0.5 + 0 + 0.25) / 4]))
+    # chance: 3 random level-0 cells touch with probability 1/2, 1 level-1 cell with 1; share: the band's volume 1/4
+    assert torch.allclose(report["touches_chance"], torch.tensor([(3 * 0.5 + 1.0) / 4]))
+    assert torch.allclose(report["share_chance"], torch.tensor([0.25]))
+    assert torch.equal(chance_boundary_fraction(sel, label, 1, "share"), report["share_chance"])
+    assert torch.equal(selected_boundary_fraction(sel, label, 1, "share"), report["share"])
+    with pytest.raises(ValueError, match="measure"):
+        selected_boundary_fraction(sel, label, 1, "near")
+
+
+def test_chance_level_equals_random_selections_per_level_quota():
+    label = ball_label(size=32, batch=1)
+    model = tiny().eval()
+    sel = model.select_tokens(torch.randn(1, 2, 32, 32, 32))
+    quota = torch.bincount(sel.levels[0], minlength=4)
+    gen = torch.Generator().manual_seed(0)
+    draws = {"touches": [], "share": []}
+    for _ in range(400):  # random cells, the same number per level as the model kept
+        levels, cells = [], []
+        for level, (k, grid) in enumerate(zip(quota.tolist(), model.grid_sizes, strict=True)):
+            flat = torch.randperm(grid[0] * grid[1] * grid[2], generator=gen)[:k]
+            levels += [level] * k
+            cells += torch.stack([flat // (grid[1] * grid[2]), flat // grid[2] % grid[1], flat % grid[2]], 1).tolist()
+        rand = TokenSelection(torch.tensor([levels]), torch.tensor([cells]), torch.zeros(1, len(levels)),
+                              sel.strides, sel.grid_sizes)
+        for measure in draws:
+            draws[measure].append(float(selected_boundary_fraction(rand, label, 2, measure)))
+    for measure, values in draws.items():
+        assert abs(sum(values) / len(values) - float(chance_boundary_fraction(sel, label, 2, measure))) < 0.01
 
 
 def test_deterministic_eval_and_select_tokens():

@@ -13,8 +13,9 @@ Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :fun
 4. score both and a per-voxel intensity threshold fitted on the training case (these tissue labels are nearly
    thresholds, so it is the reference line any model must be read against);
 5. time each model's inference over the whole test block in this process, one after the other;
-6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only) and curve pictures, and
-   write ``OUTPUT/report.md``.
+6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only), kept-token (TokenSeg
+   only) and curve pictures, and write ``OUTPUT/report.md``. With TokenSeg the test block is also predicted with
+   its tokens zeroed (the ablation row of the table) and its kept cells are scored against the boundary band.
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
-                  model: str = "stp_mta_unetr", lr: float = 3e-3) -> DemoSettings:
+                  model: str = "stp_mta_unetr", lr: float = 3e-3, model_args: dict[str, Any] | None = None
+                  ) -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
     quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr;
-    ``lr`` is the peak learning rate of both."""
+    ``lr`` is the peak learning rate of both; ``model_args`` override constructor arguments of ``model``."""
     if model not in COMPARED:
         raise InputError(f"--model must be one of {', '.join(COMPARED)}, got {model!r}")
     if not lr > 0:
@@ -128,7 +130,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             s.train.update(epochs=100_000, iters_per_epoch=3)
     s.train["roi_size"] = [s.roi] * 3
     s.model = model
-    s.other_args = OTHER_ARGS["quick" if quick else "full"]
+    s.other_args = {name: dict(args) for name, args in OTHER_ARGS["quick" if quick else "full"].items()}
+    if model_args:
+        (s.sparse_args if model == "stp_mta_unetr" else s.other_args[model]).update(model_args)
     return s
 
 
@@ -242,6 +246,19 @@ def predict_test_block(checkpoints: dict[str, Path], data_root: Path, out: Path,
     return written, padded, pad
 
 
+def predict_zeroed_tokens(checkpoint: Path, data_root: Path, out: Path, roi: int, device: str) -> dict[str, Path]:
+    """The ablation: TokenSeg's checkpoint rebuilt with ``zero_tokens=True`` (the decoder gets zeros for the kept
+    tokens), predicted like the others into ``OUT/predictions/tokenseg_zeroed``."""
+    from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from sparseseg.demo.report import ZEROED
+
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    model.model_args["zero_tokens"] = True
+    ablation = save_checkpoint(out / "work" / f"{ZEROED}.pt", model, ckpt["data"])
+    return predict_test_block({ZEROED: ablation}, data_root, out, roi, device)[0]
+
+
 def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repeats: int, warmup: bool = True
                    ) -> dict[str, float]:
     """Median seconds of sliding-window inference (overlap 0.5, Gaussian blending, 4 windows per call) over the
@@ -288,7 +305,7 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
              device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr",
-             lr: float = 3e-3) -> Path:
+             lr: float = 3e-3, model_args: dict[str, Any] | None = None) -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo.report import make_pictures, run_benchmark, score, write_report
 
@@ -302,13 +319,15 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr, model_args)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()
     checkpoints = train_concurrently(data, out, s)
     train_seconds = time.perf_counter() - t_train
     preds, padded, pad = predict_test_block(checkpoints, data.parent, out, s.roi, device)
+    if s.model == "tokenseg":
+        preds.update(predict_zeroed_tokens(checkpoints["tokenseg"], data.parent, out, s.roi, device))
     preds["threshold"], thresholds = threshold_baseline(data.parent, out)
     metrics = score(preds, data, out)
     seconds = time_inference(checkpoints, padded, device, s.timing_repeats, s.warmup)
