@@ -16,9 +16,13 @@ from sparseseg.data.io import atomic_write
 from sparseseg.demo.data import AP_AXIS, CLASS_NAMES, TEST_CASE
 
 log = logging.getLogger(__name__)
-ZEROED = "tokenseg_zeroed"  # the ablation: TokenSeg with its kept tokens zeroed at inference
+ZEROED, NO_SKIPS = "tokenseg_zeroed", "tokenseg_no_skips"
+# TokenSeg's ablations at inference (constructor arguments that change no weight): what the token path carries, and
+# what the encoder's skips carry
+ABLATIONS = {ZEROED: {"zero_tokens": True}, NO_SKIPS: {"skips": "none"}}
 LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "veloxseg": "VeloxSeg",
-          "tokenseg": "TokenSeg", ZEROED: "TokenSeg, tokens zeroed", "threshold": "intensity threshold"}
+          "tokenseg": "TokenSeg", ZEROED: "TokenSeg, tokens zeroed", NO_SKIPS: "TokenSeg, skips removed",
+          "threshold": "intensity threshold"}
 
 
 def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -253,11 +257,17 @@ def _token_lines(pictures: dict[str, Any], metrics: dict[str, dict[str, Any]]) -
         f"inside the band (chance: the band's share of the volume, {_fmt(ts.get('share_chance'))}).",
         "",
     ]
-    if ZEROED in metrics and "tokenseg" in metrics:
-        full, zero = metrics["tokenseg"]["mean"]["dice"], metrics[ZEROED]["mean"]["dice"]
+    full = metrics.get("tokenseg", {}).get("mean", {}).get("dice")
+    if ZEROED in metrics and full is not None:
+        zero = metrics[ZEROED]["mean"]["dice"]
         lines += [f"Tokens zeroed at inference (the decoder gets zeros for the kept tokens; their cells still choose "
-                  f"where it refines): mean Dice {_fmt(zero)} against {_fmt(full)}, a drop of "
-                  f"{_fmt(100 * (full - zero), 1)} points carried by the token path.", ""]
+                  f"where it refines and where the skips enter): mean Dice {_fmt(zero)} against {_fmt(full)}, a drop "
+                  f"of {_fmt(100 * (full - zero), 1)} points carried by the tokens' content.", ""]
+    if NO_SKIPS in metrics and full is not None:
+        bare = metrics[NO_SKIPS]["mean"]["dice"]
+        lines += [f"Skips removed at inference (the decoder gets the tokens alone): mean Dice {_fmt(bare)}, a drop "
+                  f"of {_fmt(100 * (full - bare), 1)} points carried by the encoder's detail inside the kept cells.",
+                  ""]
     return [*lines, "![kept token cells](tokens.png)", ""]
 
 

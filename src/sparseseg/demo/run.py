@@ -15,7 +15,8 @@ Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :fun
 5. time each model's inference over the whole test block in this process, one after the other;
 6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only), kept-token (TokenSeg
    only) and curve pictures, and write ``OUTPUT/report.md``. With TokenSeg the test block is also predicted with
-   its tokens zeroed (the ablation row of the table) and its kept cells are scored against the boundary band.
+   its tokens zeroed and with its skips removed (the ablation rows of the table), and its kept cells are scored
+   against the boundary band.
 """
 
 from __future__ import annotations
@@ -246,17 +247,22 @@ def predict_test_block(checkpoints: dict[str, Path], data_root: Path, out: Path,
     return written, padded, pad
 
 
-def predict_zeroed_tokens(checkpoint: Path, data_root: Path, out: Path, roi: int, device: str) -> dict[str, Path]:
-    """The ablation: TokenSeg's checkpoint rebuilt with ``zero_tokens=True`` (the decoder gets zeros for the kept
-    tokens), predicted like the others into ``OUT/predictions/tokenseg_zeroed``."""
+def predict_ablations(checkpoint: Path, data_root: Path, out: Path, roi: int, device: str) -> dict[str, Path]:
+    """TokenSeg's ablations (:data:`sparseseg.demo.report.ABLATIONS`): the checkpoint rebuilt with the tokens zeroed
+    (``zero_tokens=True``) and with the encoder's skips removed (``skips="none"``; only when it had skips), each
+    predicted like the others into ``OUT/predictions/NAME``."""
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from sparseseg.demo.report import ZEROED
+    from sparseseg.demo.report import ABLATIONS
 
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, checkpoint)
-    model.model_args["zero_tokens"] = True
-    ablation = save_checkpoint(out / "work" / f"{ZEROED}.pt", model, ckpt["data"])
-    return predict_test_block({ZEROED: ablation}, data_root, out, roi, device)[0]
+    rebuilt = {}
+    for name, change in ABLATIONS.items():
+        model = model_from_checkpoint(ckpt, checkpoint)
+        if all(getattr(model.decoder if k == "skips" else model, k) == v for k, v in change.items()):
+            continue  # trained that way: nothing to ablate
+        model.model_args.update(change)
+        rebuilt[name] = save_checkpoint(out / "work" / f"{name}.pt", model, ckpt["data"])
+    return predict_test_block(rebuilt, data_root, out, roi, device)[0]
 
 
 def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repeats: int, warmup: bool = True
@@ -327,7 +333,7 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     train_seconds = time.perf_counter() - t_train
     preds, padded, pad = predict_test_block(checkpoints, data.parent, out, s.roi, device)
     if s.model == "tokenseg":
-        preds.update(predict_zeroed_tokens(checkpoints["tokenseg"], data.parent, out, s.roi, device))
+        preds.update(predict_ablations(checkpoints["tokenseg"], data.parent, out, s.roi, device))
     preds["threshold"], thresholds = threshold_baseline(data.parent, out)
     metrics = score(preds, data, out)
     seconds = time_inference(checkpoints, padded, device, s.timing_repeats, s.warmup)

@@ -16,10 +16,11 @@ prediction. So the fine levels cost in proportion to the tokens kept, per level 
 
 ``skips`` decides what the encoder may add to the decoder (``skip_l``):
 
-* ``"sparse"`` (default): the encoder map of level ``l`` only inside the cells of kept tokens of **coarser** levels,
-  and the image (a 1^3 conv) only inside the cells of kept tokens: detail finer than a kept token, inside that
-  token's cell. A token's own cell never gets the un-quantised encoder feature it was made from, and cells no token
-  kept get nothing but what the tokens' decoding carries there.
+* ``"sparse"`` (default): detail finer than a kept token, inside that token's cell, and only where the decoder is
+  sparse: the encoder map of a fine level (1/4, 1/2) only inside the cells of kept tokens of coarser levels, and
+  the image (a 1^3 conv) only inside the cells of kept tokens. The dense coarse levels, whose prediction is the
+  answer wherever no token was kept, see the tokens alone (a skip there would spread through their convolutions
+  into cells no token covers), and a token's own cell never gets the un-quantised encoder feature it was made from.
 * ``"dense"``: the encoder maps and the image everywhere (a U-Net's skips; the tokens can then be bypassed).
 * ``"none"``: tokens only.
 
@@ -113,7 +114,7 @@ class SparseDecoder(nn.Module):
             x = x + _up2(self.up[level + 1](y)).to(x.dtype)
         if self.skips == "dense":
             x = x + feature
-        elif self.skips == "sparse" and level < len(self.grid_sizes) - 1:
+        elif self.skips == "sparse" and level < COARSE_LEVEL:  # the coarse prediction is the tokens' alone
             x = x + feature * cover
         src = self.reproject[level](tokens).transpose(1, 2).to(x.dtype)  # [B, k, C_l] -> [B, C_l, k]
         return x.flatten(2).scatter_add(2, cells[:, None].expand(-1, x.shape[1], -1), src).view_as(x)

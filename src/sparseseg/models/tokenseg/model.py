@@ -22,7 +22,8 @@ Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2
    the level's tokens written into their cells (+ a skip, ``skips``); 1/16 and 1/8 are decoded densely and give a
    coarse prediction, 1/4, 1/2 and full resolution are refined only in the cells of kept tokens (gathered blocks
    with a halo through unpadded convolutions), so their cost follows the tokens kept. ``skips="sparse"`` (default)
-   lets encoder detail in only inside the cells of kept coarser tokens, never at a token's own cell.
+   lets encoder detail into the fine levels only, inside the cells of kept coarser tokens (never at a token's own
+   cell): the coarse prediction, the answer wherever no token was kept, is made from the tokens alone.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class TokenSeg(nn.Module):
             to ``tokens_per_level`` (40/30/20/10 by default). A plain attribute too.
         codebook_size: VQ codes (4096). mixer_depth, num_heads: Transformer blocks and heads over kept tokens.
         tau: soft top-K temperature. norm_name: ``"instance"`` or ``"batch"``, the norm of the residual blocks.
-        skips: what the encoder adds to the decoder: ``"sparse"`` (default: encoder maps and image only inside the
-            cells of kept coarser tokens), ``"dense"`` (everywhere, a U-Net's skips) or ``"none"`` (tokens only).
+        skips: what the encoder adds to the decoder: ``"sparse"`` (default: encoder maps of the fine levels and the
+            image only inside the cells of kept coarser tokens), ``"dense"`` (everywhere, a U-Net's skips) or
+            ``"none"`` (tokens only).
         zero_tokens: the kept tokens reach the decoder as zeros (an ablation; their cells still decide where the
             decoder refines). A plain attribute too, as is ``dense_decoding`` (refine the whole volume, same weights).
         band_radius: boundary band half-width in voxels (a cell's target = its fraction inside the band).
