@@ -18,11 +18,11 @@ from sparseseg.checkpoint import save_checkpoint
 from sparseseg.data.transforms import DataConfig
 from sparseseg.inference.export import export, load_for_export
 from sparseseg.models.tokenseg.cells import (
-    block_count,
+    block_count_,
     cell_corners,
     cell_map,
     gather_blocks,
-    scatter_blocks,
+    scatter_blocks_,
 )
 from sparseseg.models.tokenseg.model import TokenSeg
 
@@ -74,8 +74,9 @@ def test_scatter_blocks_inverts_gather_and_counts_overlaps():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 6, 8)
     corners = torch.tensor([[[0, 0, 0], [2, 4, 6]], [[2, 2, 2], [2, 2, 2]]])  # case 1: the same block twice
-    out = scatter_blocks(torch.zeros_like(x), gather_blocks(x, corners, 2), corners)
-    count = block_count(torch.zeros_like(x[:, :1]), corners, 2)
+    shape = x.shape[2:]
+    out = scatter_blocks_(torch.zeros_like(x).flatten(2), gather_blocks(x, corners, 2), corners, shape).view_as(x)
+    count = block_count_(torch.zeros_like(x[:, :1]).flatten(2), corners, 2, shape).view_as(x[:, :1])
     inside = count > 0
     assert int(inside[0].sum()) == 16 and int(inside[1].sum()) == 8 and int(count.max()) == 2
     assert torch.allclose(out / count.clamp_min(1), x * inside)
@@ -88,8 +89,10 @@ def test_unpadded_conv_on_gathered_blocks_equals_the_padded_conv_on_the_map():
     dense = F.conv3d(x, conv.weight, conv.bias, padding=1)
     cells = torch.tensor([[0, 3], [2, 1]])  # flat cells of a 2 x 2 x 1 grid of 4^3 blocks
     corners = cell_corners(cells, (2, 2, 1), 4)
-    out = scatter_blocks(torch.zeros_like(dense), conv(gather_blocks(x, corners, 4, 1)), corners)
-    inside = block_count(torch.zeros_like(dense[:, :1]), corners, 4) > 0
+    blocks = conv(gather_blocks(x, corners, 4, 1))
+    out = scatter_blocks_(torch.zeros_like(dense).flatten(2), blocks, corners, dense.shape[2:]).view_as(dense)
+    count = block_count_(torch.zeros_like(dense[:, :1]).flatten(2), corners, 4, dense.shape[2:])
+    inside = count.view_as(out[:, :1]) > 0
     assert torch.allclose(out, dense * inside, atol=1e-6)
     assert torch.equal(cell_map(cells, (2, 2, 1), x)[:, 0].flatten(1) > 0, inside[:, 0, ::4, ::4, ::4].flatten(1))
 

@@ -4,8 +4,9 @@ A token of level ``l`` covers a cell of ``2^(l+1)`` image voxels per axis. On a 
 cubic block of ``side = 2^(l+1) / t`` voxels whose corner is the cell's (z, y, x) times ``side``. The sparse decoder
 (:mod:`.decoder`) gathers such blocks with a halo, runs unpadded convolutions on the batch of blocks and scatters
 the interiors back. The halo beyond the volume's edge is zeros, so an unpadded convolution on a gathered block gives
-exactly what the same convolution with zero padding gives on the whole map; where blocks overlap they computed the
-same values from the same inputs, and :func:`scatter_blocks` with :func:`block_count` averages them.
+exactly what the same convolution with zero padding gives on the whole map. Where blocks overlap they computed the
+same values from the same inputs: dividing each block by the overlap count (:func:`block_count_`) before adding it
+(:func:`scatter_blocks_`) averages them.
 
 Every shape is fixed by the number of tokens per level, never by their positions, so MAC counters (on the meta
 device too) and exporters see the same graph for every input.
@@ -45,20 +46,24 @@ def gather_blocks(x: torch.Tensor, corners: torch.Tensor, side: int, halo: int =
     return blocks.view(-1, c, k, n, n, n).transpose(1, 2).reshape(-1, c, n, n, n)  # -> [B * K, C, n, n, n]
 
 
-def scatter_blocks(out: torch.Tensor, blocks: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """``out`` ``[B, C, D, H, W]`` plus the blocks ``[B * K, C, s, s, s]`` added at ``corners`` ``[B, K, 3]``
-    (out of place; overlapping blocks add up)."""
+def scatter_blocks_(out: torch.Tensor, blocks: torch.Tensor, corners: torch.Tensor, shape: tuple[int, ...]
+                    ) -> torch.Tensor:
+    """Add the blocks ``[B * K, C, s, s, s]`` at ``corners`` ``[B, K, 3]`` into ``out`` ``[B, C, D*H*W]`` (a flat map
+    of spatial ``shape``), in place (overlapping blocks add up); returns ``out``. Only the block voxels are touched.
+
+    In place on the flat tensor itself, never through a view of another: exporters follow such a write only when
+    later code reads the written tensor."""
     c, k, s = out.shape[1], corners.shape[1], blocks.shape[-1]
-    idx = block_index(corners, s, out.shape[2:])  # [B, K * s^3]
+    idx = block_index(corners, s, shape)  # [B, K * s^3]
     src = blocks.reshape(-1, k, c, s**3).transpose(1, 2).reshape(-1, c, k * s**3)  # [B * K, C, s,s,s] -> [B, C, K s^3]
-    return out.flatten(2).scatter_add(2, idx[:, None].expand(-1, c, -1), src).view_as(out)
+    return out.scatter_add_(2, idx[:, None].expand(-1, c, -1), src.to(out.dtype))
 
 
-def block_count(count: torch.Tensor, corners: torch.Tensor, side: int) -> torch.Tensor:
-    """``count`` ``[B, 1, D, H, W]`` plus one in every voxel of the ``side^3`` blocks at ``corners``."""
-    idx = block_index(corners, side, count.shape[2:])  # [B, K * side^3]
-    return count.flatten(2).scatter_add(2, idx[:, None], torch.ones_like(idx[:, None], dtype=count.dtype)
-                                        ).view_as(count)
+def block_count_(count: torch.Tensor, corners: torch.Tensor, side: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Add one to every voxel of the ``side^3`` blocks at ``corners`` in ``count`` ``[B, 1, D*H*W]`` (a flat map of
+    spatial ``shape``), in place; returns ``count``."""
+    idx = block_index(corners, side, shape)  # [B, K * side^3]
+    return count.scatter_add_(2, idx[:, None], torch.ones_like(idx[:, None], dtype=count.dtype))
 
 
 def cell_map(cells: torch.Tensor, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ level ``l``. Coarse to fine, each level's input map is
 where ``up`` is a 1^3 convolution followed by nearest x2 and the bottleneck (level 3) also gets a projection of the
 mean kept token (global context). The two coarse levels (1/16, 1/8) are decoded densely (a residual block each: at
 most 1 728 voxels at 96^3) and a 1^3 head on the 1/8 map gives the **coarse prediction**, upsampled trilinearly to
-full resolution. The fine levels (1/4, 1/2) update their map by a residual :class:`~.blocks.RefineBlock` only in
-the cells of kept tokens of coarser levels, and the full-resolution :class:`~.blocks.Head` runs only in the cells
-of all kept tokens, where it adds its correction to the coarse prediction. Everything else is the coarse
-prediction. So the fine levels cost in proportion to the tokens kept, per level quota, not to the volume.
+1/2 resolution and by nearest neighbour to full resolution. The fine levels (1/4, 1/2) update their map by a
+residual :class:`~.blocks.RefineBlock` only in the cells of kept tokens of coarser levels, and the full-resolution
+:class:`~.blocks.Head` runs only in the cells of all kept tokens, where it adds its correction to the coarse
+prediction. Everything else is the coarse prediction. So the fine levels cost in proportion to the tokens kept,
+per level quota, not to the volume.
 
 ``skips`` decides what the encoder may add to the decoder (``skip_l``):
 
@@ -30,14 +31,14 @@ wherever the sparse path computed, and everywhere when the kept cells cover the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sparseseg.models.tokenseg.blocks import Head, RefineBlock, ResBlock
-from sparseseg.models.tokenseg.cells import block_count, cell_corners, cell_map, gather_blocks, scatter_blocks
+from sparseseg.models.tokenseg.cells import block_count_, cell_corners, cell_map, gather_blocks, scatter_blocks_
 
 SKIPS = ("sparse", "dense", "none")
 COARSE_LEVEL = 2  # the coarse prediction is made at 1/8
@@ -124,15 +125,9 @@ class SparseDecoder(nn.Module):
         block, halo = self.refine[level], RefineBlock.HALO
         if dense:
             return x + block(F.pad(x, (halo,) * 6))
-        total, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-        for coarser in range(level + 1, len(self.grid_sizes)):
-            if cells[coarser].shape[1] == 0:
-                continue
-            side = 2 ** (coarser - level)  # a cell of that level, in voxels of this one
-            corners = cell_corners(cells[coarser], self.grid_sizes[coarser], side)  # [B, k, 3]
-            total = scatter_blocks(total, block(gather_blocks(x, corners, side, halo)), corners)
-            count = block_count(count, corners, side)
-        return x + total / count.clamp_min(1.0)
+        groups = [(cells_l, 2 ** (lv - level), self.grid_sizes[lv])  # a level-lv cell is 2^(lv - level) voxels here
+                  for lv, cells_l in enumerate(cells) if lv > level and cells_l.shape[1]]
+        return _add_block_means(x.clone(), groups, lambda corners, side: block(gather_blocks(x, corners, side, halo)))
 
     def _full_resolution(self, image: torch.Tensor, y: torch.Tensor, covered: torch.Tensor,
                          cells: Sequence[torch.Tensor], coarse: torch.Tensor, dense: bool) -> torch.Tensor:
@@ -141,24 +136,41 @@ class SparseDecoder(nn.Module):
         ``y`` is the 1/2 map, ``covered`` ``[B, 1, *grid_0]`` the kept cells of all levels on the 1/2 grid. Blocks
         are gathered from the 1/2 map and upsampled inside the block, so no full-resolution feature map is made.
         """
-        scale = 2 ** (COARSE_LEVEL + 1)  # the stride of the coarse prediction
-        logits = F.interpolate(coarse, scale_factor=scale, mode="trilinear", align_corners=False)  # [B, out, D, H, W]
+        # trilinear to 1/2, then nearest: half the time of trilinear to full resolution, a 2-voxel step at most
+        half_logits = F.interpolate(coarse, scale_factor=2**COARSE_LEVEL, mode="trilinear", align_corners=False)
+        logits = _up2(half_logits)  # [B, out, D, H, W]
         mask = covered if self.skips == "sparse" else torch.ones_like(covered)  # where the image may enter
         if dense:
             f = _up2(self.up[0](y))
             if self.skips != "none":
                 f = f + self.image_skip(image) * _up2(mask).to(f.dtype)
             return logits + self.head(F.pad(f, (Head.HALO,) * 6)).to(logits.dtype)
-        total, count = torch.zeros_like(logits), torch.zeros_like(logits[:, :1])
-        for level, lv_cells in enumerate(cells):
-            if lv_cells.shape[1] == 0:
-                continue
-            side = 2**level  # the cell in 1/2 voxels; 2 * side at full resolution
-            half = cell_corners(lv_cells, self.grid_sizes[level], side)  # [B, k, 3] on the 1/2 grid
-            f = _crop(_up2(self.up[0](gather_blocks(y, half, side, 1))), 1)  # [B k, C_0, 2 side + 2, ...]
+
+        def head(corners: torch.Tensor, side: int) -> torch.Tensor:  # corners and side at full resolution
+            half, s = corners // 2, side // 2
+            f = _crop(_up2(self.up[0](gather_blocks(y, half, s, 1))), 1)  # [B k, C_0, side + 2, ...]
             if self.skips != "none":
-                m = _crop(_up2(gather_blocks(mask, half, side, 1)), 1)  # [B k, 1, 2 side + 2, ...]
-                f = f + self.image_skip(gather_blocks(image, 2 * half, 2 * side, Head.HALO)) * m.to(f.dtype)
-            total = scatter_blocks(total, self.head(f).to(total.dtype), 2 * half)
-            count = block_count(count, 2 * half, 2 * side)
-        return logits + total / count.clamp_min(1.0)
+                m = _crop(_up2(gather_blocks(mask, half, s, 1)), 1)  # [B k, 1, side + 2, ...]
+                f = f + self.image_skip(gather_blocks(image, corners, side, Head.HALO)) * m.to(f.dtype)
+            return self.head(f)
+
+        groups = [(cells_l, 2 ** (lv + 1), self.grid_sizes[lv]) for lv, cells_l in enumerate(cells) if cells_l.shape[1]]
+        return _add_block_means(logits, groups, head)
+
+
+def _add_block_means(out: torch.Tensor, groups: list[tuple[torch.Tensor, int, tuple[int, int, int]]],
+                     compute: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``out`` ``[B, C, D, H, W]`` (a fresh tensor, not read again) plus ``compute(corners, side)`` ``[B k, C, side,
+    side, side]`` for each group ``(cells [B, k], side, grid)``, each voxel's sum divided by the number of blocks
+    covering it: where blocks overlap they hold the same values, so the voxel gets that value once."""
+    shape = tuple(out.shape[2:])
+    corners = [cell_corners(c, grid, side) for c, side, grid in groups]  # [B, k, 3] each
+    flat = out.flatten(2)  # [B, C, D*H*W], written in place below
+    count = torch.zeros_like(flat[:, :1])  # [B, 1, D*H*W]
+    for (_, side, _), cor in zip(groups, corners, strict=True):
+        count = block_count_(count, cor, side, shape)
+    count = count.view(-1, 1, *shape)
+    for (_, side, _), cor in zip(groups, corners, strict=True):
+        values = compute(cor, side)  # [B k, C, side, side, side]
+        flat = scatter_blocks_(flat, values / gather_blocks(count, cor, side).to(values.dtype), cor, shape)
+    return flat.view(-1, flat.shape[1], *shape)
