@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_tokenseg import tiny  # the tiny TokenSeg of the model tests (2 channels in, 3 out, 32^3)
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparseseg import create_model
 from sparseseg.benchmark.flops import count_macs
 from sparseseg.checkpoint import save_checkpoint
 from sparseseg.data.transforms import DataConfig
@@ -26,14 +26,7 @@ from sparseseg.models.tokenseg.cells import (
 )
 from sparseseg.models.tokenseg.model import TokenSeg
 
-TINY = dict(in_channels=2, out_channels=3, img_size=32, feature_size=4, token_size=24, num_heads=2,
-            tokens_per_level=(40, 30, 20, 8), num_candidates=98, num_keep=24, codebook_size=64, mixer_depth=1)
 SHAPE = (1, 2, 32, 32, 32)
-
-
-def tiny(**overrides) -> TokenSeg:
-    torch.manual_seed(0)
-    return create_model("tokenseg", **{**TINY, **overrides})
 
 
 class EncoderOnly(nn.Module):
