@@ -312,13 +312,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="stp_mta_unetr: where MTA multiplies the pruned tokens by 1 - M; before_norm (the authors') "
                         "lets only the kept tokens train the scorer, after_norm both (default before_norm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="constructor argument of the --model model (repeatable), e.g. skips=dense for tokenseg")
 
     def run(args: argparse.Namespace) -> int:
+        from sparseseg.config import parse_model_args
         from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
                           prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
-                          pruned_mask=args.pruned_mask)
+                          pruned_mask=args.pruned_mask, model_args=parse_model_args(args.model_arg))
         sys.stdout.write(f"wrote {report}\n")
         return 0
 
