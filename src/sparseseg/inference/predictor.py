@@ -35,6 +35,7 @@ from sparseseg.data.transforms import (
 )
 from sparseseg.errors import InputError
 from sparseseg.inference.cuda_graphs import GraphedForward
+from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
 from sparseseg.inference.sliding_window import Network, sliding_window_logits
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False) -> list[Path]:
+            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
+            cpu_fast_path: bool = True) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
 
     Args:
@@ -179,6 +181,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
         cuda_graphs: on a CUDA ``device``, run the windows as replays of CUDA graphs captured per window-batch
             shape (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); no effect on the CPU.
+        cpu_fast_path: on the CPU, run the model through
+            :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -209,6 +213,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         set_prune_ratio(model, prune_ratio, checkpoint)
     model.to(dev).eval()
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
+    if cpu_fast_path and dev.type == "cpu":
+        network = optimize_for_cpu_inference(model)
     pipeline = build_transforms(data_cfg, "infer")
     written = []
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.common.conv import Conv3d
 from sparseseg.models.common.norms import affine_instance_norm
 
 
@@ -105,9 +104,9 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, norm_name: str = "instance") -> None:
         super().__init__()
         self.body = nn.Sequential(
-            Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
             nn.LeakyReLU(0.01, inplace=True),
-            Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
         )
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
@@ -119,7 +118,7 @@ class Down(nn.Sequential):
     """One encoder level: a 2^3 stride-2 conv (each output voxel pools its non-overlapping 2^3 cell) + ResBlock."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_name: str = "instance") -> None:
-        super().__init__(Conv3d(in_channels, out_channels, 2, stride=2), ResBlock(out_channels, norm_name))
+        super().__init__(nn.Conv3d(in_channels, out_channels, 2, stride=2), ResBlock(out_channels, norm_name))
 
 
 class Up(nn.Sequential):
@@ -127,4 +126,4 @@ class Up(nn.Sequential):
     nearest-neighbour x2 (the conv commutes with nearest upsampling, so it runs on 8x fewer voxels)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(Conv3d(in_channels, out_channels, 1), nn.Upsample(scale_factor=2, mode="nearest"))
+        super().__init__(nn.Conv3d(in_channels, out_channels, 1), nn.Upsample(scale_factor=2, mode="nearest"))

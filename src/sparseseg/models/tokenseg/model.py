@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.common.conv import Conv3d
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
 from sparseseg.models.common.tokens import TopKSelection, gather_tokens, soft_topk
@@ -172,7 +171,7 @@ class TokenSeg(nn.Module):
         norm_layer(norm_name, 1)  # validates the name before anything is built
         self.stages = nn.ModuleList(Down(in_channels if i == 0 else ch[i], ch[i + 1], norm_name)
                                     for i in range(NUM_LEVELS))
-        self.proposal = nn.ModuleList(Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
+        self.proposal = nn.ModuleList(nn.Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
         self.token_embed = nn.ModuleList(nn.Linear(ch[i + 1], token_size) for i in range(NUM_LEVELS))
         self.token_norm = nn.LayerNorm(token_size, eps=1e-6)
         self.vq = VectorQuantizer(codebook_size, token_size)
@@ -185,9 +184,9 @@ class TokenSeg(nn.Module):
         self.up = nn.ModuleList(Up(ch[i + 1], ch[i]) for i in range(NUM_LEVELS))
         self.decode = nn.ModuleList(ResBlock(ch[i], norm_name) for i in range(1, NUM_LEVELS))
         # Full resolution: no normalisation (cheaper, and it helped the demo's Dice: SPEC section 5).
-        self.image_skip = Conv3d(in_channels, ch[0], 1)
-        self.head = nn.Sequential(nn.LeakyReLU(0.01), Conv3d(ch[0], ch[0], 3, padding=1),
-                                  nn.LeakyReLU(0.01, inplace=True), Conv3d(ch[0], out_channels, 1))
+        self.image_skip = nn.Conv3d(in_channels, ch[0], 1)
+        self.head = nn.Sequential(nn.LeakyReLU(0.01), nn.Conv3d(ch[0], ch[0], 3, padding=1),
+                                  nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch[0], out_channels, 1))
         self.head_slab = 16  # half-resolution slices per slab of the inference head (memory only, not a weight)
 
     def _keep_split(self) -> list[int]:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparseseg.models.common.context import autocast_off
+
 
 class Quantized(NamedTuple):
     tokens: torch.Tensor  # [B, N, C] straight-through quantised tokens
@@ -34,7 +36,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the L2-nearest code for every token: ``[B, N, C], [K, C] -> [B, N]``."""
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 does not change the argmin. In float32 even under autocast:
     # half-precision distances would tie and flip nearby codes.
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with autocast_off(z.device.type):
         z, codebook = z.float(), codebook.float()
         dist2 = codebook.square().sum(1) - 2.0 * z @ codebook.t()  # [B, N, K]
     return dist2.argmin(dim=-1)  # [B, N]
