@@ -45,9 +45,13 @@ import logging
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sparseseg.models.common.context import capturing
+
+try:  # a private helper of torch: without it no call can tell whether a counter watches, so none leaves nn.Conv3d
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+except ImportError:  # pragma: no cover - depends on the torch release
+    is_in_torch_dispatch_mode = None
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +61,11 @@ GROUP_MATMUL_MIN = 16
 
 @functools.cache
 def onednn_convolution_available() -> bool:
-    """Whether this PyTorch build can run ``aten.mkldnn_convolution`` (checked once per process, on a tiny
-    convolution; when it cannot, one warning says so)."""
+    """Whether this PyTorch build can run ``aten.mkldnn_convolution`` and tell when a dispatch mode watches
+    (checked once per process, on a tiny convolution; when it cannot, one warning says so)."""
     try:
         x, w = torch.ones(1, 1, 2, 2, 2), torch.ones(1, 1, 1, 1, 1)
-        ok = torch.backends.mkldnn.is_available() and bool(
+        ok = is_in_torch_dispatch_mode is not None and torch.backends.mkldnn.is_available() and bool(
             torch.ops.aten.mkldnn_convolution(x, w, None, [0] * 3, [1] * 3, [1] * 3, 1).sum() == 8)
     except (AttributeError, RuntimeError, NotImplementedError):
         ok = False
@@ -86,7 +90,7 @@ def _fast_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this call may leave ``nn.Conv3d``'s path (see the module docstring for when it may not)."""
     return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
             and weight.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not is_in_torch_dispatch_mode() and not capturing())
+            and is_in_torch_dispatch_mode is not None and not is_in_torch_dispatch_mode() and not capturing())
 
 
 class CpuConv3d(nn.Conv3d):
@@ -145,7 +149,8 @@ def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
     (``torch.inference_mode()``) for the fast path to apply. When a convolution cannot take it, nothing changes.
     """
     onednn = onednn_convolution_available()
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    tensors = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers(), *tensors)}  # no tensor is copied
     fast = copy.deepcopy(model, memo=shared)
     for module in list(fast.modules()):
         for name, child in module.named_children():
