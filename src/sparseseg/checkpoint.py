@@ -23,7 +23,10 @@ from sparseseg.data.io import atomic_write
 from sparseseg.errors import InputError
 
 FORMAT = "sparseseg-checkpoint"
-FORMAT_VERSION = 1
+# 2: ``unetr``'s default decoder taps became the authors' (outputs of blocks 4/7/10 for v2, 5/9 for v1, spread over
+# other depths); a format-1 ``unetr`` without ``skip_layers`` was built with 3/6/9 (v2) and 4/8 (v1).
+FORMAT_VERSION = 2
+_V1_UNETR_TAPS = {"v2": [3, 6, 9], "v1": [4, 8]}  # format-1 defaults ("original" was 4/7/10 then too)
 REQUIRED_KEYS = ("model_name", "model_args", "state_dict", "data")
 
 
@@ -92,7 +95,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"incomplete sparseseg checkpoint (missing {', '.join(missing)})", path)
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"checkpoint format version {ckpt['format_version']} is newer than this sparseseg", path)
+    _upgrade_model_args(ckpt)
     return ckpt
+
+
+def _upgrade_model_args(ckpt: dict[str, Any]) -> None:
+    """Spell out, in memory, what a format-1 checkpoint left to defaults that have changed since (the file stays)."""
+    args = ckpt["model_args"]
+    if int(ckpt.get("format_version", 1)) >= 2 or ckpt["model_name"] != "unetr" or args.get("skip_layers"):
+        return
+    decoder = args.get("decoder") or ("original" if args.get("patch_size", 8) == 16 else "v2")
+    if decoder in _V1_UNETR_TAPS:
+        ckpt["model_args"] = {**args, "skip_layers": list(_V1_UNETR_TAPS[decoder])}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) -> nn.Module:

@@ -120,6 +120,21 @@ def test_checkpoint_round_trip_and_rejects(tmp_path):
         load_checkpoint(tmp_path / "pickled.pt")  # arbitrary objects are refused by weights_only
 
 
+@pytest.mark.parametrize("decoder,old_taps", [("v2", (3, 6, 9)), ("v1", (4, 8))])
+def test_format_1_unetr_checkpoint_keeps_the_taps_it_was_trained_with(tmp_path, decoder, old_taps):
+    args = dict(in_channels=1, out_channels=2, img_size=32, decoder=decoder, hidden_size=12, mlp_dim=24,
+                num_layers=12, num_heads=2, feature_size=4)
+    model = create_model("unetr", **args)
+    path = save_checkpoint(tmp_path / "new.pt", model, {})
+    assert model_from_checkpoint(load_checkpoint(path)).skip_layers == model.skip_layers != old_taps
+    old = torch.load(path, weights_only=True)
+    old["format_version"] = 1  # written before the default taps changed, without skip_layers
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    assert ckpt["model_args"]["skip_layers"] == list(old_taps)
+    assert model_from_checkpoint(ckpt).skip_layers == old_taps
+
+
 def test_config_yaml_and_overrides(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("dataset: d.json\nmodel: tiny_seg\noutput: run\nepochs: 7\nroi_size: 16\n"

@@ -1,9 +1,12 @@
-"""NIfTI input and output with the geometry kept (affine, spacing, orientation), and atomic writes.
+"""Images in and predictions out with the geometry kept, and atomic writes.
 
-Images are returned channel-first, ``[C, D, H, W]`` in the voxel order of the file (no reorientation here: the
-preprocessing does that and undoes it). A multi-channel case is either one 4-D NIfTI ``[X, Y, Z, C]`` (MSD) or
-one 3-D file per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...). Every problem with a file raises
-:class:`~sparseseg.errors.InputError` naming it.
+NIfTI is read by nibabel; NRRD (``.nrrd``, 3D Slicer ``.seg.nrrd`` label maps), MetaImage (``.mha``, ``.mhd``) and
+DICOM series (a folder holding one series) by SimpleITK (:mod:`sparseseg.data.itk_io`). Images are returned
+channel-first, ``[C, D, H, W]`` in the voxel order of the file (no reorientation here: the preprocessing does that
+and undoes it), with their :class:`~sparseseg.data.geometry.ImageGrid`. A multi-channel case is either one 4-D
+image ``[X, Y, Z, C]`` (MSD) or one 3-D image per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...).
+Predictions are written on the input's grid in NIfTI, NRRD, MetaImage or as a DICOM SEG
+(:func:`write_prediction`). Every problem with a file raises :class:`~sparseseg.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -12,27 +15,42 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from sparseseg.data.formats import case_name, file_format, image_format
+from sparseseg.data.geometry import ImageGrid
+from sparseseg.data.itk_io import read_dicom_header, read_dicom_series, read_itk_file, read_itk_header
 from sparseseg.errors import InputError
 
 log = logging.getLogger(__name__)
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
+SLICER_SEGMENTATION = ".seg.nrrd"
 
 
 @dataclass
 class Volume:
-    """A channel-first array ``[C, D, H, W]`` with the affine and header of the (first) file it came from."""
+    """A channel-first array ``[C, D, H, W]`` on the grid of the (first) file or DICOM series it came from."""
 
     array: np.ndarray
-    affine: np.ndarray
-    header: nib.Nifti1Header
-    path: Path
+    grid: ImageGrid
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The RAS voxel-to-world affine (nibabel / MONAI convention)."""
+        return self.grid.affine
+
+    @property
+    def header(self) -> nib.Nifti1Header | None:
+        """The NIfTI header of a NIfTI input (its qform/sform codes are kept on output), else None."""
+        return self.grid.nifti_header
+
+    @property
+    def path(self) -> Path:
+        return self.grid.path
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -44,15 +62,12 @@ class Volume:
 
 
 def strip_nifti_ending(name: str) -> str:
-    """``"case_01.nii.gz"`` -> ``"case_01"``."""
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
+    """``"case_01.nii.gz"`` -> ``"case_01"`` (any image ending: :func:`sparseseg.data.formats.case_name`)."""
+    return case_name(name)
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_ENDINGS)
+    return file_format(path) == "nifti"
 
 
 def _existing_nifti(path: str | Path) -> Path:
@@ -127,16 +142,48 @@ def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
                          "finite and > 0)", path)
 
 
-def read_header_shape(path: str | Path) -> tuple[int, ...]:
-    """The array shape from the header only (cheap), for up-front checks."""
-    path = _existing_nifti(path)
+def _nifti_header(path: Path) -> nib.Nifti1Image:
     try:
-        img = _load(path)
+        return _load(path)
     except InputError:
         raise
     except Exception as err:
         raise InputError(f"cannot read NIfTI header ({_one_line(err)})", path) from err
-    return tuple(int(s) for s in img.shape)
+
+
+def read_header_shape(path: str | Path) -> tuple[int, ...]:
+    """The array shape ``[X, Y, Z(, C)]`` from the header only (cheap), for up-front checks."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        return tuple(int(s) for s in _nifti_header(_existing_nifti(path)).shape)
+    if fmt == "dicom":
+        return read_dicom_header(path)
+    return read_itk_header(path, fmt)[0]
+
+
+def read_grid(path: str | Path) -> ImageGrid:
+    """The grid of an image file (from its header) or DICOM series folder (the series is read and checked)."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        img = _nifti_header(_existing_nifti(path))
+        return ImageGrid.from_affine(path, fmt, img.shape, img.affine, img.header)
+    if fmt == "dicom":
+        return read_dicom_series(path)[1]
+    return read_itk_header(path, fmt)[1]
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageGrid]:
+    """Read any supported image fully: the array as stored (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and its grid."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        data, img = read_nifti(path)
+        return data, ImageGrid.from_affine(path, fmt, data.shape, img.affine, img.header)
+    if fmt == "dicom":
+        return read_dicom_series(path)
+    return read_itk_file(path, fmt)
 
 
 # Integers above 2^24 are no longer exact in float32, and no scanner writes them: such a file is mis-typed or corrupt.
@@ -155,14 +202,14 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 
 
 def load_image(paths: Sequence[str | Path]) -> Volume:
-    """Load one case: a single 3-D/4-D file or one 3-D file per channel. Returns ``[C, D, H, W]`` float32."""
+    """Load one case: a single 3-D/4-D image or one 3-D image per channel. Returns ``[C, D, H, W]`` float32."""
     if not paths:
         raise InputError("a case has no image files")
     channels: list[np.ndarray] = []
-    first: nib.Nifti1Image | None = None
+    first: ImageGrid | None = None
     for p in paths:
         p = Path(p)
-        data, img = read_nifti(p)
+        data, grid = read_image(p)
         _check_finite(data, p)
         if data.ndim == 3:
             data = data[None]  # [X, Y, Z] -> [1, X, Y, Z]
@@ -171,29 +218,38 @@ def load_image(paths: Sequence[str | Path]) -> Volume:
         else:
             raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", p)
         if first is None:
-            first = img
+            first = grid
         elif data.shape[1:] != channels[0].shape[1:]:
             raise InputError(
                 f"channel shape {data.shape[1:]} differs from {channels[0].shape[1:]} of {paths[0]}", p
             )
-        elif not np.allclose(img.affine, first.affine, atol=1e-3):
+        elif not np.allclose(grid.affine, first.affine, atol=1e-3):
             log.warning("%s: affine differs from the first channel %s; using the first channel's", p, paths[0])
         channels.append(data.astype(np.float32, copy=False))
     array = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=0)
     assert first is not None
-    affine = np.asarray(first.affine, dtype=np.float64)
-    return Volume(array=array, affine=affine, header=first.header, path=Path(paths[0]))
+    return Volume(array=array, grid=first)
 
 
 def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
-               label_values: Iterable[int] | None = None) -> Volume:
-    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values."""
+               label_values: Iterable[int] | None = None, reference: ImageGrid | None = None) -> Volume:
+    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values.
+
+    With the image's ``reference`` grid, a 3D Slicer ``.seg.nrrd`` stored on a block of that grid (Slicer saves the
+    extent of the segments) is placed into the whole grid.
+    """
     path = Path(path)
-    data, img = read_nifti(path)
+    data, grid = read_image(path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]  # [X, Y, Z, 1] -> [X, Y, Z]
+    slicer = path.name.lower().endswith(SLICER_SEGMENTATION)
+    if data.ndim == 4 and slicer:
+        raise InputError(f"3D Slicer segmentation with {data.shape[-1]} layers (overlapping segments); a label map "
+                         "needs one layer (in Slicer: export the segments to a label map)", path)
     if data.ndim != 3:
         raise InputError(f"a label map must be 3-D, got shape {data.shape}", path)
+    if slicer and reference is not None and tuple(data.shape) != reference.shape:
+        data, grid = _onto_grid(data, grid, reference)
     if spatial_shape is not None and tuple(data.shape) != tuple(spatial_shape):
         raise InputError(f"label shape {tuple(data.shape)} differs from image shape {tuple(spatial_shape)}", path)
     if np.issubdtype(data.dtype, np.floating):
@@ -210,7 +266,22 @@ def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
             raise InputError(
                 f"label value(s) {unexpected.tolist()} not in the dataset labels {allowed.tolist()}", path
             )
-    return Volume(array=labels[None], affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+    return Volume(array=labels[None], grid=grid)
+
+
+def _onto_grid(block: np.ndarray, grid: ImageGrid, reference: ImageGrid) -> tuple[np.ndarray, ImageGrid]:
+    """``block`` ``[x, y, z]`` placed into zeros on ``reference`` ``[X, Y, Z]`` when its voxels are voxels of the
+    reference (same axes and spacing, a whole-voxel offset, inside); else returned unchanged."""
+    to_reference = np.linalg.inv(reference.affine) @ grid.affine  # block voxel -> reference voxel
+    offset = to_reference[:3, 3]
+    start = np.rint(offset).astype(int)
+    end = start + np.asarray(block.shape)
+    if (not np.allclose(to_reference[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(offset, start, atol=1e-3)
+            or (start < 0).any() or (end > np.asarray(reference.shape)).any()):
+        return block, grid
+    whole = np.zeros(reference.shape, dtype=block.dtype)
+    whole[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = block
+    return whole, replace(reference, path=grid.path, format=grid.format, nifti_header=None, files=())
 
 
 def atomic_write(path: str | Path, write) -> Path:

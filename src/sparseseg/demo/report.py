@@ -187,8 +187,9 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
 def _compared_line(s) -> str:
     """The settings of the model set beside unetr, for the report's setup list."""
     if s.model == "stp_mta_unetr":
+        where = "after" if s.sparse_args.get("pruned_mask") == "after_norm" else "before (as the authors)"
         return (f"sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
-                f"{s.sparse_args['prune_after']}.")
+                f"{s.sparse_args['prune_after']}, pruned tokens masked by 1 - M {where} their MTA group norm.")
     own = s.args_of(s.model)
     return f"{LABELS[s.model]}: " + (", ".join(f"{k} {v}" for k, v in own.items()) or "default arguments") + "."
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from sparseseg.data.io import atomic_write, save_nifti
 from sparseseg.demo.data import AP_AXIS, TEST_CASE, TRAIN_CASE, build_dataset, replicate_pad
 from sparseseg.errors import InputError, SparsesegError
+from sparseseg.models.stp_mta.completion import PRUNED_MASKS
 
 log = logging.getLogger(__name__)
 COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
@@ -65,7 +66,7 @@ class DemoSettings:
     resolution: int  # mm per voxel of the template
     roi: int  # training crop and sliding window side
     model_args: dict[str, Any]  # shared by unetr and stp_mta_unetr
-    dense_args: dict[str, Any]  # unetr only
+    dense_args: dict[str, Any]  # unetr only (none: its decoder taps follow the depth)
     sparse_args: dict[str, Any]  # stp_mta_unetr only
     model: str = "stp_mta_unetr"  # the model set beside unetr
     other_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # veloxseg / tokenseg arguments
@@ -90,14 +91,20 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
-                  model: str = "stp_mta_unetr", lr: float = 3e-3) -> DemoSettings:
+                  model: str = "stp_mta_unetr", lr: float = 3e-3, pruned_mask: str = "before_norm") -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
     quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr;
-    ``lr`` is the peak learning rate of both."""
+    ``lr`` is the peak learning rate of both; ``pruned_mask`` is stp_mta_unetr's (docs/models.md).
+
+    The dense decoder taps are unetr's default, spread over the depth like the authors' 4/7/10 of 12 blocks:
+    blocks 2/4/5 of 6 (quick: 1/2/3 of 3); the pruning stages sit after blocks 2/4/5 (quick 1/2), the paper's
+    3/6/9 of 12 scaled to 6 blocks."""
     if model not in COMPARED:
         raise InputError(f"--model must be one of {', '.join(COMPARED)}, got {model!r}")
     if not lr > 0:
         raise InputError(f"--lr must be > 0, got {lr}")
+    if pruned_mask not in PRUNED_MASKS:
+        raise InputError(f"--pruned-mask must be one of {', '.join(PRUNED_MASKS)}, got {pruned_mask!r}")
     train = {"batch_size": 2, "lr": lr, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
     if quick:
@@ -105,9 +112,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             resolution=4, roi=32,
             model_args={"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 3, "num_heads": 3,
                         "feature_size": 8, "decoder": "v2"},
-            dense_args={"skip_layers": [1, 2, 3]},
+            dense_args={},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [1, 2], "completion_size": 48,
-                         "completion_heads": 3},
+                         "completion_heads": 3, "pruned_mask": pruned_mask},
             train={**train, "epochs": 1, "iters_per_epoch": 3},
             timing_repeats=1, benchmark_repeats=1, benchmark_memory=False, warmup=False)
     else:
@@ -115,9 +122,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             resolution=2, roi=48,
             model_args={"patch_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 6,
                         "feature_size": 16, "decoder": "v2"},
-            dense_args={"skip_layers": [2, 4, 5]},
+            dense_args={},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [2, 4, 5], "completion_size": 192,
-                         "completion_heads": 6},
+                         "completion_heads": 6, "pruned_mask": pruned_mask},
             train={**train, "epochs": 100_000, "iters_per_epoch": 20})
         minutes = 6.0 if minutes is None else minutes
     if minutes is not None:
@@ -292,7 +299,7 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
              device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr",
-             lr: float = 3e-3) -> Path:
+             lr: float = 3e-3, pruned_mask: str = "before_norm") -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo.report import make_pictures, run_benchmark, score, write_report
 
@@ -306,7 +313,7 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr, pruned_mask)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()

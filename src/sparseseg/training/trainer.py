@@ -5,8 +5,10 @@ crops), a per-epoch log line, a row in ``RUN_DIR/log.csv`` (and TensorBoard when
 validation every ``val_every`` epochs and at the end, then ``last.pt`` (and ``best.pt`` on a new best mean
 Dice), each written atomically. ``resume=True`` restores model, optimizer, schedule, scaler, RNG states and
 history from ``RUN_DIR/last.pt`` and continues bit-for-bit where it stopped (same config, same device, same
-number of processes). Under ``torchrun`` every process trains (DDP) and validates a shard of the validation cases
-(Dice sums all-reduced); process 0 writes (:mod:`sparseseg.training.distributed`).
+number of processes); a config that differs from the checkpoint's in anything but
+:attr:`TrainConfig.RESUMABLE_CHANGES` (e.g. another recipe) is refused. Under ``torchrun`` every process trains
+(DDP) and validates a shard of the validation cases (Dice sums all-reduced); process 0 writes
+(:mod:`sparseseg.training.distributed`).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class _RunLog:
 
 def _loaders(config: TrainConfig, data_cfg, train_cases: list[Case], val_cases: list[Case]):
     with unwrap_input_errors():
-        train_ds = CacheDataset(_items(train_cases), build_transforms(data_cfg, "train"),
+        train_ds = CacheDataset(_items(train_cases), build_transforms(data_cfg, "train", config.num_samples),
                                 cache_rate=config.cache_rate, num_workers=None, progress=False)
         val_ds = CacheDataset(_items(val_cases), build_transforms(data_cfg, "val"),
                               cache_rate=config.cache_rate, num_workers=None, progress=False) if val_cases else None
@@ -151,7 +153,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     scheduler = WarmupCosine(optimizer, lr, config.epochs * iters, config.warmup_fraction, config.min_lr_ratio,
                              config.time_budget)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
-    loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid)
+    loss_fn = SegmentationLoss(sigmoid=data_cfg.sigmoid, squared_pred=config.squared_pred,
+                               smooth_nr=config.smooth_nr, smooth_dr=config.smooth_dr)
     state = {"epoch": 0, "best_metric": float("-inf"), "best_epoch": 0, "elapsed": 0.0, "history": []}
     if config.resume:
         state = _resume(run_dir / "last.pt", model, optimizer, scheduler, scaler, config, info)
@@ -266,6 +269,10 @@ def _resume(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig
     for key in ("optimizer", "scheduler", "scaler", "rng", "epoch"):
         if key not in ckpt:
             raise InputError(f"cannot resume: the checkpoint has no training state ({key!r} missing)", path)
+    changed = config.changed_settings(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else []
+    if changed:
+        raise InputError(f"cannot resume: the config changes {'; '.join(changed)} (only "
+                         f"{', '.join(TrainConfig.RESUMABLE_CHANGES)} may change on --resume)", path)
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
