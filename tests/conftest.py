@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from sparseseg.models.common.output import SegmentationOutput
-from sparseseg.models.common.registry import list_models, register_model
+from sparseseg.models.common.registry import _MODELS, create_model, list_models, register_model
 
 # A non-axis-aligned, anisotropic affine (LPS-like flips + 1.5 mm slices) so geometry bugs show up.
 TEST_AFFINE = np.array(
@@ -172,6 +172,29 @@ class TinySeg(nn.Module):
 
 if "tiny_seg" not in list_models():
     register_model("tiny_seg", presets={})(TinySeg)
+
+
+# Tiny arguments for every model the library registers: tests that must hold for all of them iterate over these.
+_VIT = {"img_size": 32, "hidden_size": 48, "mlp_dim": 96, "num_layers": 3, "num_heads": 3, "feature_size": 4,
+        "patch_size": 8, "decoder": "v2"}
+TINY_MODELS: dict[str, dict] = {
+    "unetr": {**_VIT, "in_channels": 1, "out_channels": 3, "skip_layers": (1, 2, 3)},
+    "stp_mta_unetr": {**_VIT, "in_channels": 1, "out_channels": 3, "prune_after": (1, 2), "prune_ratio": 0.5,
+                      "completion_size": 48, "completion_heads": 3},
+    "tokenseg": {"in_channels": 2, "out_channels": 3, "img_size": 32, "feature_size": 4, "token_size": 24,
+                 "num_heads": 2, "tokens_per_level": (40, 30, 20, 8), "num_candidates": 98, "num_keep": 24,
+                 "codebook_size": 64, "mixer_depth": 1},
+    "veloxseg": {"in_channels": 2, "out_channels": 3, "img_size": 24, "modalities": (1, 1), "channels": (8, 16),
+                 "num_heads": (1, 2), "head_dim": (4, 8), "group_channels": (4, 8)},
+}
+LIBRARY_MODELS = [name for name in list_models() if _MODELS[name].__module__.startswith("sparseseg.")]
+
+
+def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """The library model ``name`` at its tiny size, in eval mode, and the shape of one input ``[1, C, D, H, W]``."""
+    torch.manual_seed(seed)
+    args = TINY_MODELS[name]
+    return create_model(name, **args).eval(), (1, args["in_channels"], *(args["img_size"],) * 3)
 
 
 def tiny_checkpoint(path: Path, in_channels: int = 1) -> Path:

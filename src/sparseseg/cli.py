@@ -137,6 +137,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "(--device, or cpu for volumes too large for the GPU), cpu, cuda")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="on a GPU, run the windows as replays of captured CUDA graphs (faster at small batches)")
+    p.add_argument("--no-cpu-fast-path", action="store_true",
+                   help="on the CPU, run the model's standard convolutions (see docs/benchmark.md)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.predictor import predict
@@ -144,7 +146,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
-                          cuda_graphs=args.cuda_graphs, output_format=args.output_format)
+                          cuda_graphs=args.cuda_graphs, output_format=args.output_format,
+                          cpu_fast_path=not args.no_cpu_fast_path)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -193,6 +196,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time inference as replays of one captured CUDA graph per model (no per-kernel launch "
                         "cost); CUDA only")
+    p.add_argument("--no-cpu-fast-path", action="store_true",
+                   help="time the models' standard convolutions on the CPU, without the inference step "
+                        "optimize_for_cpu_inference (applied to every model of the run by default)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one forward pass: seconds in encoder blocks, scorers, gather/scatter, "
                         "completion, decoder")
@@ -218,7 +224,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                             batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
                             memory=not args.no_memory, profile=args.profile, amp=args.amp,
-                            cuda_graphs=args.cuda_graphs)
+                            cuda_graphs=args.cuda_graphs, cpu_fast_path=not args.no_cpu_fast_path)
         if args.json:
             write_json(records, args.json)
         if args.markdown:

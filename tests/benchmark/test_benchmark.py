@@ -12,6 +12,7 @@ from sparseseg.benchmark.report import markdown_table
 from sparseseg.benchmark.run import _model_overrides, _percentile, _unused_model_args, benchmark
 from sparseseg.cli import main
 from sparseseg.errors import InputError
+from sparseseg.inference.fast_cpu import onednn_convolution_available
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import list_models, register_model
 from sparseseg.models.common.tokens import gather_tokens, num_keep, scatter_tokens
@@ -73,6 +74,7 @@ def _check_record(rec: dict) -> None:
     assert rec["latency_ms_p90"] >= rec["latency_ms_median"]
     assert rec["device"] == "cpu" and rec["threads"] == 1 and rec["torch_version"] == torch.__version__
     assert rec["cpu_allocator"] in ("glibc-keep", "system")
+    assert rec["cpu_fast_path"] is onednn_convolution_available()  # each of these models has a dense 3-D conv
 
 
 def test_records_train_and_ratios():
@@ -92,11 +94,13 @@ def test_records_train_and_ratios():
     assert records[1]["params"] == dense["params"]
 
 
-def test_model_without_encoder_and_default_ratio():
+def test_model_without_encoder_and_default_ratio_and_standard_modules():
     records = benchmark(["tiny_seg", "bench_sparse"], threads=1, warmup=0, repeats=1, baseline="tiny_seg",
-                        memory=False)
+                        memory=False, cpu_fast_path=False)
     plain, sparse = records
-    _check_record(plain)
+    assert plain["cpu_fast_path"] is sparse["cpu_fast_path"] is False
+    assert "CPU fast path off" in markdown_table(records)
+    _check_record({**plain, "cpu_fast_path": onednn_convolution_available()})
     assert plain["speedup"] == 1.0 and plain["prune_ratio"] is None
     assert plain["encoder_throughput"] is None and plain["encoder_speedup"] is None
     assert sparse["prune_ratio"] == 0.0  # the constructor default is reported

@@ -5,7 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import LIBRARY_MODELS, tiny_model
 from sparseseg import count_macs, count_params, create_model
+from sparseseg.benchmark.flops import MacCountError
+from sparseseg.inference.fast_cpu import onednn_convolution_available, optimize_for_cpu_inference
 from sparseseg.models.common.vit import ViT3d
 
 
@@ -80,3 +83,69 @@ def test_count_params_inference_only_leaves_out_training_only_parts():
     dense = sparseseg.create_model("unetr", img_size=32, hidden_size=48, num_layers=2, num_heads=2, mlp_dim=96,
                                    skip_layers=(1, 1, 2))
     assert count_params(dense, inference_only=True) == count_params(dense)
+
+
+class ConvAttention(nn.Module):
+    """A 3^3 conv, then attention over its voxels as tokens: q/k/v and output projections, two heads."""
+
+    def __init__(self, cin: int = 2, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.conv = nn.Conv3d(cin, dim, 3, padding=1)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).flatten(2).transpose(1, 2)  # [B, C, D, H, W] -> [B, N, C]
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, d]
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))  # [B, N, C]
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_conv_and_attention_match_a_hand_count(device):
+    cin, dim, heads, side = 2, 8, 2, 4
+    n = side**3
+    conv = n * dim * cin * 27
+    linears = n * dim * 3 * dim + n * dim * dim
+    attention = 2 * heads * n * n * (dim // heads)  # q k^T and p v
+    assert count_macs(ConvAttention(cin, dim, heads), (1, cin, side, side, side), device=device) * 1e9 == (
+        conv + linears + attention)
+
+
+@pytest.mark.parametrize("name", LIBRARY_MODELS)
+def test_meta_and_real_tensor_counts_agree_for_every_model(name):
+    model, shape = tiny_model(name)
+    meta = count_macs(model, shape)
+    assert meta > 0
+    assert count_macs(model, shape, device="cpu") == pytest.approx(meta, rel=1e-12)
+    fast = optimize_for_cpu_inference(model)  # the CPU fast path steps aside while a counter watches
+    assert count_macs(fast, shape) == count_macs(fast, shape, device="cpu") == pytest.approx(meta, rel=1e-12)
+
+
+class NeedsValues(nn.Module):
+    """Reads a value (no meta kernel can)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.abs().max().item() > 0)
+
+
+class PrivateConv(nn.Module):
+    """Convolves with a private kernel the counter has no formula for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.mkldnn_convolution(x, self.conv.weight, self.conv.bias, [0] * 3, [1] * 3, [1] * 3, 1)
+
+
+def test_counting_never_falls_back_silently():
+    with pytest.raises(MacCountError, match="meta device.*device='cpu'"):
+        count_macs(NeedsValues(), (1, 2, 4, 4, 4))
+    assert count_macs(NeedsValues(), (1, 2, 4, 4, 4), device="cpu") == 0  # the caller's choice: real tensors
+    if not onednn_convolution_available():
+        return
+    with pytest.raises(MacCountError, match="aten.mkldnn_convolution"):
+        count_macs(PrivateConv(), (1, 2, 6, 6, 6), device="cpu")  # would be counted as zero

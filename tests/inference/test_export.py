@@ -1,14 +1,19 @@
-"""`sparseseg export`: ONNX (TopK / GatherElements for the sparse model) and TorchScript give PyTorch's output."""
+"""`sparseseg export`: ONNX (TopK / GatherElements for the sparse model) and TorchScript give PyTorch's output, for
+every model at the demo's size, at batch 1 and 2; a model that cannot be exported is one line."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import LIBRARY_MODELS
 from sparseseg.checkpoint import save_checkpoint
 from sparseseg.cli import main
 from sparseseg.data.transforms import DataConfig
+from sparseseg.demo.run import demo_settings
 from sparseseg.inference.export import load_for_export
 from sparseseg.models.common.registry import create_model, list_models
 
@@ -37,8 +42,6 @@ def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None) -> np.nd
 
 @pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
 def test_onnx_matches_pytorch(tmp_path, name):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
     ckpt = _checkpoint(tmp_path, name)
     out = tmp_path / f"{name}.onnx"
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(out)]) == 0
@@ -81,3 +84,55 @@ def test_export_refuses_bad_checkpoint_and_output(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """``demo_model(name)``: an untrained checkpoint of ``name`` as ``sparseseg demo`` builds it (ICBM152 at 2 mm:
+    1 channel, 4 classes, 48^3 windows; UNETR dim 192 x 6 blocks, patch 8), an input of batch 2 and PyTorch's
+    logits for it; made once per model for both formats."""
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            args = {**demo_settings(False, None, 0.75, 0, "cpu").args_of(name), "in_channels": 1, "out_channels": 4,
+                    "img_size": 48}
+            torch.manual_seed(0)
+            data = DataConfig(in_channels=1, label_values=[0, 1, 2, 3], class_names=["bg", "csf", "gm", "wm"],
+                              roi_size=[48, 48, 48])
+            ckpt = save_checkpoint(tmp_path_factory.mktemp(name) / "demo.pt", create_model(name, **args),
+                                   data.to_dict())
+            x = torch.randn(2, 1, 48, 48, 48, generator=torch.Generator().manual_seed(2))  # the batch axis is free
+            made[name] = ckpt, x, _reference(ckpt, x)
+        return made[name]
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", LIBRARY_MODELS)
+def test_every_model_exports_at_the_demo_size(tmp_path, demo_model, name, fmt):
+    ckpt, x, expected = demo_model(name)
+    out = tmp_path / f"{name}.{fmt}"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out)]) == 0
+    if fmt == "onnx":
+        (logits,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    else:
+        with torch.no_grad():
+            logits = torch.jit.load(str(out))(x).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_export_is_one_line(tmp_path, monkeypatch, capsys):
+    ckpt = _checkpoint(tmp_path, "tiny_seg")
+
+    def fails(*args, **kwargs):
+        raise AssertionError("batch_size and channel_size must be non-None\n  a long exporter trace")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "cannot export model 'tiny_seg' as onnx: AssertionError: batch_size" in err
+    assert not out.exists() and not list(tmp_path.glob(".*"))

@@ -7,16 +7,23 @@ for_cpu``, for which torch ships no formula: the counter would silently count at
 module registers the standard SDPA formulas (``sdpa_flop_count`` / ``sdpa_backward_flop_count``) for it.
 
 By default the model runs on the ``meta`` device (shapes only, no arithmetic), so paper-sized models are counted in
-about a second without touching their weights.
+about a second without touching their weights. Counting never falls back silently: when the meta run fails (an
+operation without a meta kernel) :func:`count_macs` raises and names the cause; ``device="cpu"`` counts on real
+tensors instead, by the caller's choice. Either way, an operation that does the work of a matrix product,
+convolution or attention but has no formula in the counter (a private kernel such as ``aten.mkldnn_convolution``)
+is an error, not a silent zero. Models compute the same on both devices (the test-suite checks that the two counts
+agree for every registered model), and the CPU fast path (:mod:`sparseseg.inference.fast_cpu`) steps aside while a
+counter watches.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (
     FlopCounterMode,
     flop_registry,
@@ -24,8 +31,6 @@ from torch.utils.flop_counter import (
     sdpa_backward_flop_count,
     sdpa_flop_count,
 )
-
-log = logging.getLogger(__name__)
 
 _aten = torch.ops.aten
 
@@ -51,19 +56,45 @@ def _register_cpu_sdpa_formulas() -> None:
 _register_cpu_sdpa_formulas()
 
 
+class MacCountError(RuntimeError):
+    """A MAC count that cannot be made, or would leave work out."""
+
+
+# Names of operations that multiply matrices, convolve or attend (``aten.mm``, ``aten._int_mm``,
+# ``aten.mkldnn_convolution``, ``aten._transformer_encoder_layer_fwd``, ...; not ``convert_*`` or
+# ``upsample_trilinear3d``): one of these without a formula in the counter would be counted as zero.
+_COMPUTE_OP = re.compile(r"(^|_)(b?mm|addb?mm|baddbmm|matmul|linear|einsum)$|conv(?!ert)|attention|transformer")
+
+
+class _UncountedWork(TorchDispatchMode):
+    """Records every operation that looks like compute work (``_COMPUTE_OP``) but has no flop formula."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func._overloadpacket
+        if packet not in flop_registry and _COMPUTE_OP.search(packet.__name__):
+            self.ops.add(str(packet))
+        return func(*args, **(kwargs or {}))
+
+
 def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.device | str) -> int:
     params = dict(model.named_parameters())
     dtype = next(iter(params.values())).dtype if params else torch.float32
-    if str(device) == "meta":
-        tensors = {n: torch.empty_like(t, device="meta") for n, t in params.items()}
-        tensors.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
-        x = torch.zeros(shape, dtype=dtype, device="meta")
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    x = torch.zeros(shape, dtype=dtype, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, _UncountedWork() as uncounted:
+        if str(device) == "meta":
+            tensors = {n: torch.empty_like(t, device="meta") for n, t in params.items()}
+            tensors.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
             torch.func.functional_call(model, tensors, (x,))
-    else:
-        x = torch.zeros(shape, dtype=dtype, device=device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        else:
             model(x)
+    if uncounted.ops:
+        ops = ", ".join(sorted(uncounted.ops))
+        raise MacCountError(f"cannot count the MACs of {type(model).__name__}: it runs {ops}, which "
+                            f"torch.utils.flop_counter has no formula for")
     return int(counter.get_total_flops())
 
 
@@ -74,8 +105,12 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, d
     Args:
         model: any module; it is run in eval mode (its mode is restored afterwards), weights untouched.
         input_shape: e.g. ``(1, 4, 128, 128, 128)``, or a tensor whose shape is taken.
-        device: ``"meta"`` (default: shapes only, instant) or a real device; if the meta run fails (an op without
-            a meta kernel) the model is run for real on the device of its parameters.
+        device: ``"meta"`` (default: shapes only, instant) or the real device the model's parameters are on.
+
+    Raises:
+        MacCountError: the run on ``device`` failed (on ``meta``: an operation without a meta kernel; the message
+            says so and how to count on real tensors), or the model runs a compute operation the counter has no
+            formula for (it would be counted as zero).
 
     Examples:
         >>> count_macs(nn.Linear(8, 4), (2, 8))
@@ -87,12 +122,13 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, d
     try:
         try:
             flops = _forward_flops(model, shape, device)
+        except MacCountError:
+            raise
         except (NotImplementedError, RuntimeError) as err:
             if str(device) != "meta":
                 raise
-            real = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-            log.debug("meta-device count failed (%s); counting on %s", err, real)
-            flops = _forward_flops(model, shape, real)
+            raise MacCountError(f"cannot count the MACs of {type(model).__name__} on the meta device ({err}); count "
+                                f"on real tensors with count_macs(..., device='cpu')") from err
     finally:
         model.train(was_training)
     return flops / 2 / 1e9

@@ -4,8 +4,8 @@ A process's peak resident set size never goes down, so one process can only tell
 did; the benchmark therefore spawns one child per model and reads the child's own peak (``VmHWM`` on Linux). The
 child imports torch and the library (plus the module that defines the model's class, so models registered outside
 the library are found), notes its peak resident set size, builds the model, notes it again, runs one forward pass
-under ``torch.inference_mode()`` (or, with ``train``, one training step: forward with the target, loss, backward,
-AdamW step) and prints one JSON line:
+under ``torch.inference_mode()`` (through the CPU fast path when the benchmark times it so; or, with ``train``, one
+training step: forward with the target, loss, backward, AdamW step) and prints one JSON line:
 
 * ``import_mb``: peak RSS after the imports (interpreter + torch + MONAI + the library);
 * ``model_mb``: peak RSS after building the model (adds the weights and whatever building them touched);
@@ -78,6 +78,10 @@ def _child(spec: dict[str, Any]) -> dict[str, float]:
         train_step_fn(model, x, y, bool(spec["sigmoid"]))()
     else:
         model.eval()
+        if spec.get("cpu_fast_path"):  # as the benchmark times it
+            from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
+
+            model = optimize_for_cpu_inference(model)
         with torch.inference_mode():
             model(x)
     return {"import_mb": import_mb, "model_mb": model_mb, "peak_mb": _maxrss_mb()}

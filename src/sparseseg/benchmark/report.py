@@ -42,7 +42,9 @@ def _cell(rec: dict[str, Any], key: str | None, fmt: str | None) -> str:
 
 def _allocator(record: dict[str, Any]) -> str:
     alloc = record.get("cpu_allocator")
-    return f"CPU allocator {alloc}, " if alloc else ""
+    fast = record.get("cpu_fast_path")
+    fast = "" if fast is None else f"CPU fast path {'on' if fast else 'off'}, "
+    return (f"CPU allocator {alloc}, " if alloc else "") + fast
 
 
 def _precision(record: dict[str, Any]) -> str:

@@ -9,7 +9,10 @@ are timed model by model (only one optimizer state exists at a time). Inference 
 backward + AdamW step in training mode. On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``;
 ``amp=True`` (CUDA only) runs forward passes under float16 autocast and training steps with a gradient scaler,
 the recipe of ``sparseseg train`` on a GPU; ``cuda_graphs=True`` (CUDA only) times inference as CUDA-graph
-replays (:mod:`sparseseg.inference.cuda_graphs`), without the host's cost of launching every kernel.
+replays (:mod:`sparseseg.inference.cuda_graphs`), without the host's cost of launching every kernel. On the CPU
+every model, the dense baseline included, is timed after the same explicit inference step
+:func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (``cpu_fast_path=False`` times the standard modules);
+each record says which (``cpu_fast_path``). MACs are counted on the model as built (the step does not change them).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the timed runs, less what the other models of the run
 hold, plus the model's own weights and input (the training peak includes its AdamW state); on CPU the peak
@@ -43,6 +46,7 @@ import torch.nn as nn
 from sparseseg.benchmark.workload import autocast, make_inputs, train_step_fn
 from sparseseg.config import resolve_device
 from sparseseg.errors import InputError
+from sparseseg.inference.fast_cpu import optimize_for_cpu_inference, uses_cpu_fast_path
 from sparseseg.models.common.registry import create_model, list_models, model_arguments, resolve_model_args
 from sparseseg.runtime import cpu_allocator, cuda_addmm
 
@@ -147,12 +151,14 @@ def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequ
 
 @dataclass
 class _Run:
-    """One (model, prune ratio) of a run: the built model, its inputs and the timings collected so far."""
+    """One (model, prune ratio) of a run: the built model (``infer``: the module inference is timed on, the model
+    itself or its CPU fast path sharing its weights), its inputs and the timings collected so far."""
 
     name: str
     prune_ratio: float | None
     overrides: dict[str, Any]
     model: nn.Module
+    infer: nn.Module
     x: torch.Tensor
     y: torch.Tensor
     record: dict[str, Any]
@@ -162,7 +168,7 @@ class _Run:
 
 
 def _build(name: str, preset: str | None, prune_ratio: float | None, device: torch.device, batch_size: int,
-           model_args: dict[str, Any]) -> _Run:
+           model_args: dict[str, Any], cpu_fast_path: bool = True) -> _Run:
     overrides = _model_overrides(name, model_args)
     if prune_ratio is not None:
         overrides["prune_ratio"] = prune_ratio
@@ -175,7 +181,8 @@ def _build(name: str, preset: str | None, prune_ratio: float | None, device: tor
               "params": params, "gmacs": gmacs, "encoder_throughput": None, "throughput": None,
               "latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "train_throughput": None,
               "train_peak_memory_mb": None}
-    return _Run(name, prune_ratio, overrides, model, x, y, record)
+    infer = optimize_for_cpu_inference(model) if cpu_fast_path and device.type == "cpu" else model
+    return _Run(name, prune_ratio, overrides, model, infer, x, y, record)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -204,13 +211,13 @@ def _time_inference(runs: list[_Run], device: torch.device, warmup: int, repeats
     with torch.inference_mode(), autocast(device, amp):
         calls = []
         for run in runs:
-            encode = getattr(run.model, "forward_encoder", None)
+            encode = getattr(run.infer, "forward_encoder", None)
             encode = encode if callable(encode) else None
             if graphs:
                 encode = encode and GraphedForward(encode)
-                calls.append((GraphedForward(run.model), encode))
+                calls.append((GraphedForward(run.infer), encode))
             else:
-                calls.append((run.model, encode))
+                calls.append((run.infer, encode))
         warmup_calls = max(warmup, 1) if graphs else warmup  # with graphs the first call captures
         for run, (forward, encode) in zip(runs, calls, strict=True):
             if graphs:  # the capture holds the whole pass's memory; replays allocate nothing
@@ -264,7 +271,8 @@ def _cpu_memory(run: _Run, preset: str | None, train: bool) -> None:
 
     spec = {"name": run.name, "preset": preset, "model_args": run.overrides, "batch_size": run.x.shape[0],
             "threads": torch.get_num_threads(), "sigmoid": preset in SIGMOID_PRESETS,
-            "module": type(run.model).__module__, "cpu_allocator": cpu_allocator()}
+            "module": type(run.model).__module__, "cpu_allocator": cpu_allocator(),
+            "cpu_fast_path": run.infer is not run.model}
     child = peak_memory_subprocess(spec)
     run.record.update(peak_memory_mb=child["peak_mb"], memory_import_mb=child["import_mb"],
                       memory_model_mb=child["model_mb"])
@@ -308,6 +316,7 @@ def benchmark(
     profile: bool = False,
     amp: bool = False,
     cuda_graphs: bool = False,
+    cpu_fast_path: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every model (each sparse one at every prune ratio) in this process: all are built and warmed up,
     then timed in rounds (one call of each model per round); training steps, profiles and memory follow model by
@@ -332,6 +341,8 @@ def benchmark(
             CUDA only.
         cuda_graphs: time inference as replays of a CUDA graph captured per model
             (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); CUDA only; training steps run as they are.
+        cpu_fast_path: on the CPU, time every model's inference (and its memory child and profile) after
+            :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference`; training steps run the model as built.
 
     Returns:
         One record (dict) per (model, prune ratio); see docs/benchmark.md for the keys.
@@ -354,7 +365,7 @@ def benchmark(
     runs = []
     for i, (name, r) in enumerate(pairs, 1):
         log.info("[%d/%d] %s%s: building", i, len(pairs), name, "" if r is None else f" r={r:g}")
-        runs.append(_build(name, preset, r, dev, batch_size, model_args))
+        runs.append(_build(name, preset, r, dev, batch_size, model_args, cpu_fast_path))
     log.info("timing inference of %d model(s) in %d round(s) after %d warm-up call(s)", len(runs), repeats, warmup)
     _time_inference(runs, dev, warmup, repeats, amp, cuda_graphs)
     for i, run in enumerate(runs, 1):
@@ -362,7 +373,7 @@ def benchmark(
             from sparseseg.benchmark.profile import profile_breakdown
 
             with autocast(dev, amp):
-                run.record["profile_s"] = profile_breakdown(run.model, run.x)
+                run.record["profile_s"] = profile_breakdown(run.infer, run.x)
         if train:
             _time_training(run, dev, warmup, repeats, memory, preset in SIGMOID_PRESETS, amp)
         if memory and dev.type == "cpu":
@@ -371,6 +382,7 @@ def benchmark(
                           cuda_addmm=cuda_addmm() if dev.type == "cuda" else None,
                           threads=torch.get_num_threads(), torch_version=torch.__version__,
                           cpu_allocator=cpu_allocator() if dev.type == "cpu" else None,
+                          cpu_fast_path=uses_cpu_fast_path(run.infer) if dev.type == "cpu" else None,
                           batch_size=batch_size, warmup=warmup, repeats=repeats, macs_counter=MACS_COUNTER)
         log.info("[%d/%d] %s", i, len(runs), _summary(run.record))
     records = [run.record for run in runs]

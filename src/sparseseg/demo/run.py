@@ -276,10 +276,12 @@ def predict_ablations(checkpoint: Path, data_root: Path, out: Path, roi: int, de
 def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repeats: int, warmup: bool = True
                    ) -> dict[str, float]:
     """Median seconds of sliding-window inference (overlap 0.5, Gaussian blending, 4 windows per call) over the
-    padded test block, per model, one after the other in this process, after one untimed run (``warmup``)."""
+    padded test block, per model, one after the other in this process, after one untimed run (``warmup``); on the
+    CPU each model runs through :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference`, as in ``predict``."""
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.config import resolve_device
     from sparseseg.data.transforms import DataConfig
+    from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
     from sparseseg.inference.sliding_window import sliding_window_logits
 
     dev = resolve_device(device)
@@ -289,6 +291,8 @@ def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repe
         ckpt = load_checkpoint(path)
         roi = DataConfig.from_dict(ckpt["data"]).roi_size
         model = model_from_checkpoint(ckpt, path).to(dev).eval()
+        if dev.type == "cpu":
+            model = optimize_for_cpu_inference(model)
         times = []
         with torch.inference_mode():
             for rep in range(repeats + int(warmup)):

@@ -8,7 +8,10 @@ scatters of tokens ``GatherElements`` / ``ScatterElements``, with K fixed by the
 
 ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, opset 17),
 which needs no package beyond torch; checking the file needs ``onnx`` and comparing outputs ``onnxruntime``
-(``pip install sparseseg[export]``).
+(``pip install sparseseg[export]``). The graph is traced on the checkpoint's ROI size, so a model's sizes (token
+counts, window sizes) are constants of the graph, while the batch axis stays free. A model that cannot be exported
+raises :class:`~sparseseg.errors.InputError` with one line naming the model, the format and the cause; nothing is
+written then.
 
 Examples:
     >>> export("runs/brats/best.pt", "stp.onnx", format="onnx", prune_ratio=0.75)  # doctest: +SKIP
@@ -26,7 +29,7 @@ import torch.nn as nn
 from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
 from sparseseg.data.io import atomic_write, check_writable
 from sparseseg.data.transforms import DataConfig
-from sparseseg.errors import InputError
+from sparseseg.errors import InputError, SparsesegError
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
@@ -79,16 +82,24 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", pru
         raise InputError("output must be a file, not a folder", output)
     check_writable(output.parent)
     graph, example = load_for_export(checkpoint, prune_ratio)
+    name = getattr(graph.model, "model_name", type(graph.model).__name__)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python int it records (token counts, grid sizes): they are fixed by the
         # ROI size and the pruning ratio, which is exactly what the exported graph is meant to hold.
         warnings.simplefilter("ignore")
-        if format == "onnx":
-            atomic_write(output, lambda tmp: _write_onnx(graph, example, tmp, opset))
-        else:
-            traced = torch.jit.trace(graph, example, check_trace=False)
-            atomic_write(output, lambda tmp: _write_torchscript(traced, tmp))
-    log.info("exported %s as %s to %s", getattr(graph.model, "model_name", "model"), format, output)
+        try:
+            if format == "onnx":
+                atomic_write(output, lambda tmp: _write_onnx(graph, example, tmp, opset))
+            else:
+                traced = torch.jit.trace(graph, example, check_trace=False)
+                atomic_write(output, lambda tmp: _write_torchscript(traced, tmp))
+        except SparsesegError:  # bad input, or a WriteError of a full disk: already one line
+            raise
+        except Exception as err:  # the exporters fail in many types (AssertionError, SymbolicValueError, ...)
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise InputError(f"cannot export model {name!r} as {format}: {type(err).__name__}: {cause}",
+                             checkpoint) from err
+    log.info("exported %s as %s to %s", name, format, output)
     return output
 
 

@@ -35,6 +35,7 @@ from sparseseg.data.transforms import (
 )
 from sparseseg.errors import InputError
 from sparseseg.inference.cuda_graphs import GraphedForward
+from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
 from sparseseg.inference.sliding_window import Network, sliding_window_logits
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
-            output_format: str | None = None) -> list[Path]:
+            output_format: str | None = None, cpu_fast_path: bool = True) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -127,6 +128,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             shape (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); no effect on the CPU.
         output_format: ``nifti``, ``nrrd`` (``CASE.seg.nrrd``), ``mha`` or ``dicom-seg`` (``CASE.dcm``, DICOM series
             inputs only); None writes each case in its input's format (NIfTI for a DICOM series).
+        cpu_fast_path: on the CPU, run the model through
+            :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -158,6 +161,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         set_prune_ratio(model, prune_ratio, checkpoint)
     model.to(dev).eval()
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
+    if cpu_fast_path and dev.type == "cpu":
+        network = optimize_for_cpu_inference(model)
     pipeline = build_transforms(data_cfg, "infer")
     written = []
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
-from sparseseg.models.common.conv import eager_cpu
+from sparseseg.models.common.context import eager_cpu
 from sparseseg.models.common.norms import NORM_NAME
 
 DECODERS = ("original", "v1", "v2")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.common.conv import Conv3d, eager_cpu
+from sparseseg.models.common.context import eager_cpu
 from sparseseg.models.common.norms import affine_instance_norm
 
 Size3 = tuple[int, int, int]
@@ -212,7 +212,7 @@ class JLC(nn.Module):
         groups = channels // group_channels
         self.branches = nn.ModuleList(
             nn.Sequential(
-                Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
+                nn.Conv3d(channels, channels, k, padding=k // 2, groups=groups, bias=False),
                 affine_instance_norm(channels),
                 nn.GELU(),
             )
@@ -220,9 +220,9 @@ class JLC(nn.Module):
         )
         self.ffn = nn.Sequential(
             affine_instance_norm(channels),
-            Conv3d(channels, channels * expansion, 1),
+            nn.Conv3d(channels, channels * expansion, 1),
             nn.GELU(),
-            Conv3d(channels * expansion, channels, 1),
+            nn.Conv3d(channels * expansion, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,11 +249,11 @@ class PairedWindowAttention(nn.Module):
         self.channels, self.num_modalities, self.num_scales = channels, num_modalities, num_scales
         self.num_heads, self.head_dim, self.ratio = num_heads, head_dim, ratio
         m, inner = num_modalities, num_heads * head_dim
-        self.qkv = nn.ModuleList(Conv3d(m * channels, m * 3 * inner, 1, groups=m) for _ in range(num_scales))
-        self.proj = Conv3d(m * num_scales * inner, m * channels, 1, groups=m)
+        self.qkv = nn.ModuleList(nn.Conv3d(m * channels, m * 3 * inner, 1, groups=m) for _ in range(num_scales))
+        self.proj = nn.Conv3d(m * num_scales * inner, m * channels, 1, groups=m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, *spatial = x.shape
+        b, spatial = x.shape[0], [int(n) for n in x.shape[2:]]  # window sizes are constants of an exported graph
         m, h, hd, r3 = self.num_modalities, self.num_heads, self.head_dim, self.ratio**3
         pairs = paired_windows(spatial, self.num_scales, self.ratio)
         queries, keys, values, layouts = [], [], [], []
@@ -298,14 +298,14 @@ class PWABlock(nn.Module):
         super().__init__()
         mc = num_modalities * channels
         # Attention inside 27-token windows is blind to token order; a depthwise conv gives it position.
-        self.pos = Conv3d(mc, mc, 3, padding=1, groups=mc)
+        self.pos = nn.Conv3d(mc, mc, 3, padding=1, groups=mc)
         self.norm1 = ModalLayerNorm(num_modalities, channels)
         self.attn = PairedWindowAttention(channels, num_modalities, num_scales, num_heads, head_dim, ratio)
         self.norm2 = ModalLayerNorm(num_modalities, channels)
         self.mlp = nn.Sequential(
-            Conv3d(mc, mc * mlp_ratio, 1, groups=num_modalities),
+            nn.Conv3d(mc, mc * mlp_ratio, 1, groups=num_modalities),
             nn.GELU(),
-            Conv3d(mc * mlp_ratio, mc, 1, groups=num_modalities),
+            nn.Conv3d(mc * mlp_ratio, mc, 1, groups=num_modalities),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

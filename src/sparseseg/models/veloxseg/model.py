@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from sparseseg.models.common.conv import Conv3d
 from sparseseg.models.common.norms import affine_instance_norm
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
@@ -65,7 +64,7 @@ class VeloxDecoder(nn.Module):
         self.stem_stride = stem_stride
         self.ups = nn.ModuleList(nn.ConvTranspose3d(channels[s + 1], channels[s], 2, stride=2) for s in range(n - 1))
         self.blocks = nn.ModuleList(JLC(channels[s], group_channels[s], expansion[s]) for s in range(n - 1))
-        self.head = Conv3d(channels[0], out_channels * stem_stride**3, 3, padding=1)
+        self.head = nn.Conv3d(channels[0], out_channels * stem_stride**3, 3, padding=1)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = skips[-1]
@@ -143,26 +142,26 @@ class VeloxSeg(nn.Module):
         m = len(modalities)
 
         r = stem_stride
-        self.conv_stem = Conv3d(in_channels, channels[0], 2 * r - 1, stride=r, padding=r - 1)
-        self.token_stems = nn.ModuleList(Conv3d(c, channels[0], r, stride=r) for c in modalities)
+        self.conv_stem = nn.Conv3d(in_channels, channels[0], 2 * r - 1, stride=r, padding=r - 1)
+        self.token_stems = nn.ModuleList(nn.Conv3d(c, channels[0], r, stride=r) for c in modalities)
         self.conv_blocks = nn.ModuleList(JLC(channels[s], groups[s], expansion[s]) for s in range(n))
         self.token_blocks = nn.ModuleList(
             PWABlock(channels[s], m, self.num_scales[s], heads[s], dims[s], expansion[s], window_ratio)
             for s in range(n)
         )
         self.mixers = nn.ModuleList(
-            nn.Sequential(Conv3d(m * channels[s], channels[s], 1), affine_instance_norm(channels[s]))
+            nn.Sequential(nn.Conv3d(m * channels[s], channels[s], 1), affine_instance_norm(channels[s]))
             for s in range(n)
         )
         # Conv stream: overlapping kernels (2 * stride - 1, as its 7^3 stride-4 stem); token stream: patch merging.
         self.conv_downs = nn.ModuleList(
-            Conv3d(channels[s], channels[s + 1], 3, stride=2, padding=1) for s in range(n - 1)
+            nn.Conv3d(channels[s], channels[s + 1], 3, stride=2, padding=1) for s in range(n - 1)
         )
         self.token_downs = nn.ModuleList(
-            Conv3d(m * channels[s], m * channels[s + 1], 2, stride=2, groups=m) for s in range(n - 1)
+            nn.Conv3d(m * channels[s], m * channels[s + 1], 2, stride=2, groups=m) for s in range(n - 1)
         )
         self.decoder = VeloxDecoder(channels, groups, expansion, out_channels, r)
-        self.ds_heads = nn.ModuleList(Conv3d(channels[s], out_channels, 1) for s in range(n - 1))
+        self.ds_heads = nn.ModuleList(nn.Conv3d(channels[s], out_channels, 1) for s in range(n - 1))
         self.reconstruction = nn.ModuleList(
             VeloxDecoder(channels, groups, expansion, c, r) for c in (modalities if sdkt else ())
         )
