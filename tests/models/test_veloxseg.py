@@ -500,3 +500,21 @@ def test_attention_macs_match_a_hand_count():
     attention = windows * h * (m * 27) ** 2 * (dq + dv)  # q k^T and p v
     assert count_macs(attn, (1, 16, 6, 6, 6)) * 1e9 == pytest.approx(projections + attention)
     assert count_macs(attn, (1, 16, 6, 6, 6), device="cpu") == count_macs(attn, (1, 16, 6, 6, 6))
+
+
+def test_recipe_is_the_authors_schedule():
+    from sparseseg.config import TrainConfig
+    from sparseseg.recipes import RECIPES
+    from sparseseg.training.optim import WarmupCosine
+
+    config = TrainConfig.from_dict({**RECIPES["veloxseg"], "dataset": "d", "output": "o"}).validate()
+    assert config.learning_rate() == 2.5e-4 and config.weight_decay == 0.01 and config.betas == [0.9, 0.999]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate())
+    schedule = WarmupCosine(optimizer, config.learning_rate(), total_iters=300, warmup_fraction=config.warmup_fraction,
+                            min_lr_ratio=config.min_lr_ratio)  # one iteration per epoch
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(299):
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[9] == pytest.approx(2.5e-4) and max(lrs) == pytest.approx(2.5e-4)  # 10 warm-up epochs
+    assert lrs[-1] == pytest.approx(6e-6)  # cosine to 6e-6
