@@ -518,3 +518,18 @@ def test_recipe_is_the_authors_schedule():
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs[9] == pytest.approx(2.5e-4) and max(lrs) == pytest.approx(2.5e-4)  # 10 warm-up epochs
     assert lrs[-1] == pytest.approx(6e-6)  # cosine to 6e-6
+
+
+def test_exports_to_torchscript_and_onnx_with_dynamic_batch(tmp_path):
+    model = tiny().eval()
+    x = torch.randn(2, 2, 24, 24, 24)
+    with torch.no_grad():
+        expected = model(x)
+        traced = torch.jit.trace(model, x[:1])
+        torch.testing.assert_close(traced(x), expected)
+        path = tmp_path / "veloxseg.onnx"
+        torch.onnx.export(model, (x[:1],), str(path), opset_version=17, dynamo=False, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    ort = pytest.importorskip("onnxruntime")
+    logits = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)

@@ -129,8 +129,8 @@ def window_attention(
         scores = torch.matmul(q, k.transpose(-1, -2))  # [windows, heads, tokens, tokens]
         if bias is not None:
             n, length = tokens // bias.shape[-1], bias.shape[-1]
-            blocks = scores.view(*scores.shape[:2], n, length, n, length)  # [windows, heads, M, L, M, L]
-            blocks.add_(bias[:, None, :, None, :])
+            scores = scores.view(*scores.shape[:2], n, length, n, length)  # [windows, heads, M, L, M, L]
+            scores = scores.add_(bias[:, None, :, None, :]).view(*scores.shape[:2], tokens, tokens)
         p = scores.softmax(-1)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
