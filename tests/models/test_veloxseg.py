@@ -10,24 +10,21 @@ import torch.nn.functional as F
 from sparseseg import count_macs
 from sparseseg.models import create_model
 from sparseseg.models.common.output import SegmentationOutput
-from sparseseg.models.veloxseg.blocks import (
-    JLC,
+from sparseseg.models.veloxseg.blocks import JLC, instance_norm, pixel_shuffle_3d
+from sparseseg.models.veloxseg.model import VeloxDecoder, VeloxSeg
+from sparseseg.models.veloxseg.pwa import (
     ModalLayerNorm,
+    ModalLinear,
     ModalPatchMerging,
     PairedWindowAttention,
     PWABlock,
-    instance_norm,
     max_pool,
+    merge_cells,
     paired_windows,
-    pixel_shuffle_3d,
     relative_position_index,
-    space_to_depth_3d,
     upsample_in_windows,
     window_attention,
-    window_partition,
-    window_reverse,
 )
-from sparseseg.models.veloxseg.model import VeloxDecoder, VeloxSeg
 from sparseseg.models.veloxseg.sdkt import gram_matrix
 
 # Two stages on 24^3: maps 6 and 3, windows 3 -> scales (3, 6) and (3).
@@ -46,6 +43,25 @@ def tiny(modalities=(1, 1), out_channels=3, img_size=24, **kwargs) -> VeloxSeg:
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def windows_of(x: torch.Tensor, window) -> torch.Tensor:
+    """``[B, C, D, H, W] -> [B * nW, C, wd, wh, ww]``, windows in raster order (a loop, independent of the model)."""
+    b, c, *spatial = x.shape
+    origins = itertools.product(*(range(0, n, w) for n, w in zip(spatial, window, strict=True)))
+    return torch.stack([x[:, :, d:d + window[0], h:h + window[1], w:w + window[2]] for d, h, w in origins], 1).flatten(
+        0, 1)
+
+
+def map_of(windows: torch.Tensor, spatial) -> torch.Tensor:
+    """Inverse of :func:`windows_of` for one batch element per ``windows.shape[0] / nW``."""
+    window = windows.shape[2:]
+    origins = list(itertools.product(*(range(0, n, w) for n, w in zip(spatial, window, strict=True))))
+    per_batch = windows.view(-1, len(origins), *windows.shape[1:])
+    out = windows.new_zeros(per_batch.shape[0], windows.shape[1], *spatial)
+    for i, (d, h, w) in enumerate(origins):
+        out[:, :, d:d + window[0], h:h + window[1], w:w + window[2]] = per_batch[:, i]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the authors' setting
@@ -91,15 +107,16 @@ def test_brats_preset_is_the_authors_96_crop():
     ],
 )
 def test_windows_of_every_stage_cover_every_voxel_once(spatial, window, small, expected):
-    index = torch.arange(math.prod(spatial), dtype=torch.float64).view(1, 1, *spatial)
     pairs = paired_windows(spatial, window, small)
     assert [big[0] for big, _ in pairs] == expected
     tokens = {tuple(b // s for b, s in zip(big, sm, strict=True)) for big, sm in pairs}
     assert tokens == {tuple(w // s for w, s in zip(window, small, strict=True))}  # same tokens at every scale
-    for big, _ in pairs:
-        windows = window_partition(index, big)  # [nW, prod(big), 1]
-        assert torch.equal(windows.flatten().sort().values, index.flatten())  # each voxel exactly once
-        assert torch.equal(window_reverse(windows, big, spatial), index)
+    for big, sm in pairs:
+        assert all(n % b == 0 and b % s == 0 for n, b, s in zip(spatial, big, sm, strict=True))  # tiles
+        covered = torch.zeros(spatial)
+        for origin in itertools.product(*(range(0, n, b) for n, b in zip(spatial, big, strict=True))):
+            covered[tuple(slice(o, o + b) for o, b in zip(origin, big, strict=True))] += 1
+        assert torch.equal(covered, torch.ones(spatial))  # each voxel in exactly one window
 
 
 def test_paired_windows_rejects_untileable_maps():
@@ -139,11 +156,11 @@ def test_pixel_shuffle_and_space_to_depth_place_subvoxels():
     assert y.shape == (1, 2, 6, 8, 10)
     for c, i, j, k, d, h, w in [(0, 0, 0, 0, 0, 0, 0), (1, 1, 0, 1, 2, 3, 4), (0, 1, 1, 0, 1, 2, 3)]:
         assert y[0, c, d * r + i, h * r + j, w * r + k] == x[0, c * r**3 + i * r * r + j * r + k, d, h, w]
-    maps = torch.randn(2, 6, 4, 6, 2)  # two groups of 3 channels
-    cells = space_to_depth_3d(maps, num_groups=2)  # [2, 2 * 8 * 3, 2, 3, 1]
-    assert cells.shape == (2, 48, 2, 3, 1)
-    for g, (i, j, k), c in [(0, (0, 0, 0), 0), (1, (1, 0, 1), 2), (1, (1, 1, 1), 1)]:
-        assert torch.equal(cells[:, g * 24 + (i * 4 + j * 2 + k) * 3 + c], maps[:, g * 3 + c, i::2, j::2, k::2])
+    tokens = torch.randn(2, 2, 4, 6, 2, 3)  # [B, M, D, H, W, C]
+    cells = merge_cells(tokens)  # [2, 2, 2, 3, 1, 8 * 3]
+    assert cells.shape == (2, 2, 2, 3, 1, 24)
+    for (i, j, k), c in [((0, 0, 0), 0), ((1, 0, 1), 2), ((1, 1, 1), 1)]:
+        assert torch.equal(cells[..., (i * 4 + j * 2 + k) * 3 + c], tokens[:, :, i::2, j::2, k::2, c])
 
 
 def test_max_pool_is_exact_with_ties_nan_and_strides():
@@ -154,13 +171,17 @@ def test_max_pool_is_exact_with_ties_nan_and_strides():
     for window in [(2, 2, 2), (4, 4, 2), (3, 3, 3), (12, 12, 6), (1, 1, 1)]:
         direct = F.max_pool3d(x, window, window)
         with torch.inference_mode():
-            pooled = max_pool(view, window)
+            pooled = max_pool(view, window, axes=(-3, -2, -1))
         assert torch.equal(pooled.isnan(), direct.isnan())
         assert torch.equal(pooled.nan_to_num(), direct.nan_to_num())
     leaf = torch.randn(1, 2, 3, 8, 8, 8, requires_grad=True)
-    max_pool(leaf, (2, 4, 2)).sum().backward()
+    max_pool(leaf, (2, 4, 2), axes=(-3, -2, -1)).sum().backward()
     expected = torch.autograd.grad(F.max_pool3d(leaf.view(1, 6, 8, 8, 8), (2, 4, 2), (2, 4, 2)).sum(), leaf)[0]
     assert torch.equal(leaf.grad, expected)
+    tokens = torch.randn(1, 2, 4, 4, 4, 3)  # [B, M, D, H, W, C]: the default axes are D, H, W
+    with torch.inference_mode():
+        expected = F.max_pool3d(tokens.permute(0, 1, 5, 2, 3, 4).reshape(1, 6, 4, 4, 4), 2, 2)
+        assert torch.equal(max_pool(tokens, (2, 2, 2)).permute(0, 1, 5, 2, 3, 4).reshape(1, 6, 2, 2, 2), expected)
 
 
 @pytest.mark.parametrize("tokens,window,grid", [
@@ -169,12 +190,13 @@ def test_max_pool_is_exact_with_ties_nan_and_strides():
 ])
 def test_upsample_in_windows_is_trilinear_per_window(tokens, window, grid):
     x = torch.randn(2, 5, *(g * t for g, t in zip(grid, tokens, strict=True)))
-    y = upsample_in_windows(x, tokens, window)
-    assert y.shape == (2, 5, *(g * w for g, w in zip(grid, window, strict=True)))
-    per_window = window_partition(x, tokens).transpose(1, 2).reshape(-1, 5, *tokens)  # [B*nW, C, t1, t2, t3]
-    up = F.interpolate(per_window, size=window, mode="trilinear", align_corners=True)  # [B*nW, C, w1, w2, w3]
-    expected = window_reverse(up.flatten(2).transpose(1, 2), window, y.shape[2:])
-    torch.testing.assert_close(y, expected)
+    y = upsample_in_windows(x, tokens, window, axes=(-3, -2, -1))
+    size = tuple(g * w for g, w in zip(grid, window, strict=True))
+    assert y.shape == (2, 5, *size)
+    up = F.interpolate(windows_of(x, tokens), size=window, mode="trilinear", align_corners=True)
+    torch.testing.assert_close(y, map_of(up, size))
+    channels_last = upsample_in_windows(x.permute(0, 2, 3, 4, 1)[:, None], tokens, window)  # [B, 1, D, H, W, C]
+    torch.testing.assert_close(channels_last[:, 0].permute(0, 4, 1, 2, 3), y)
 
 
 def test_relative_position_index_depends_only_on_the_offset():
@@ -209,29 +231,33 @@ def test_window_attention_with_bias_matches_reference_and_sdpa():
 
 
 def reference_pwa(attn: PairedWindowAttention, x: torch.Tensor) -> torch.Tensor:
-    """Paired window attention window by window, written from the description (no shared helpers)."""
-    b, _, *spatial = x.shape
-    m, h, dq, dv, scales = attn.num_modalities, attn.num_heads, attn.head_dim, attn.value_dim, len(attn.windows)
-    qkv = attn.qkv(x).view(b, m, scales, h, 2 * dq + dv, *spatial)
+    """Paired window attention window by window on a token map ``[B, M, D, H, W, C]``, written from the description
+    with the module's projections and table only."""
+    b, m, *spatial, c = x.shape
+    h, dq, dv, scales = attn.num_heads, attn.head_dim, attn.value_dim, len(attn.windows)
+    qkv = attn.qkv(x.reshape(b, m, -1, c)).view(b, m, *spatial, scales, h, 2 * dq + dv)
     coords = list(itertools.product(*(range(n) for n in attn.tokens)))
     table = attn.relative_position_bias
     bias = torch.stack([torch.stack([table[attn.relative_index[i, j]] for j in range(len(coords))])
                         for i in range(len(coords))]).permute(2, 0, 1)  # [h, L, L]
-    out = torch.zeros(b, m, scales, h * dv, *spatial)
+    out = torch.zeros(b, m, *spatial, scales, h * dv)
     for s, (big, small) in enumerate(attn.windows):
         for n, origin in itertools.product(range(b), itertools.product(*(range(0, d, w) for d, w in zip(
                 spatial, big, strict=True)))):
             box = tuple(slice(o, o + w) for o, w in zip(origin, big, strict=True))
-            per_modality = [F.max_pool3d(qkv[n, i, s][(...,) + box].reshape(h * (2 * dq + dv), *big), small, small)
-                            .view(h, 2 * dq + dv, -1).transpose(1, 2) for i in range(m)]  # [h, L, 2dq+dv] each
+            per_modality = []
+            for i in range(m):
+                window = qkv[(n, i) + box + (s,)].permute(3, 4, 0, 1, 2)  # [h, 2dq+dv, *big]
+                pooled = F.max_pool3d(window.reshape(h * (2 * dq + dv), *big), small, small)
+                per_modality.append(pooled.view(h, 2 * dq + dv, -1).transpose(1, 2))  # [h, L, 2dq+dv]
             t = torch.cat(per_modality, 1)  # [h, M*L, 2dq+dv]
             scores = t[..., :dq] @ t[..., dq:2 * dq].transpose(1, 2) / math.sqrt(dq) + bias.repeat(1, m, m)
             o = scores.softmax(-1) @ t[..., 2 * dq:]  # [h, M*L, dv]
             for i, oi in enumerate(o.split(len(coords), 1)):
                 grid = oi.permute(0, 2, 1).reshape(1, h * dv, *attn.tokens)
-                out[(n, i, s, slice(None)) + box] = F.interpolate(grid, size=big, mode="trilinear",
-                                                                 align_corners=True)[0]
-    return attn.proj(out.view(b, -1, *spatial))
+                up = F.interpolate(grid, size=big, mode="trilinear", align_corners=True)[0]  # [h*dv, *big]
+                out[(n, i) + box + (s,)] = up.permute(1, 2, 3, 0)
+    return attn.proj(out.view(b, m, -1, scales * h * dv)).view_as(x)
 
 
 @pytest.mark.parametrize("window,small,spatial", [
@@ -241,7 +267,7 @@ def test_paired_window_attention_equals_window_by_window_reference(window, small
     torch.manual_seed(0)
     attn = PairedWindowAttention(8, 2, paired_windows(spatial, window, small), num_heads=2, head_dim=2).eval()
     torch.nn.init.normal_(attn.relative_position_bias)
-    x = torch.randn(2, 16, *spatial)
+    x = torch.randn(2, 2, *spatial, 8)
     with torch.no_grad():
         expected = reference_pwa(attn, x)
         torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-4)  # autograd-free path
@@ -252,34 +278,43 @@ def test_paired_window_attention_equals_window_by_window_reference(window, small
 def test_attention_is_joint_across_modalities_and_uses_its_position_bias():
     torch.manual_seed(0)
     attn = PairedWindowAttention(8, 2, paired_windows((6, 6, 6), (3, 3, 3)), num_heads=2, head_dim=4).eval()
-    x = torch.randn(1, 16, 6, 6, 6)
+    x = torch.randn(1, 2, 6, 6, 6, 8)
     y = attn(x)
     x2 = x.clone()
-    x2[:, 8:] += torch.randn_like(x2[:, 8:])  # change modality 1 only
-    assert not torch.allclose(y[:, :8], attn(x2)[:, :8])  # modality 0 attends to modality 1's tokens
+    x2[:, 1] += torch.randn_like(x2[:, 1])  # change modality 1 only
+    assert not torch.allclose(y[:, 0], attn(x2)[:, 0])  # modality 0 attends to modality 1's tokens
     with torch.no_grad():
         attn.relative_position_bias.add_(torch.randn_like(attn.relative_position_bias))
     assert not torch.allclose(y, attn(x))
 
 
-def test_instance_norm_and_modal_layer_norm():
+def test_norms_and_per_modality_linear_maps():
     x = torch.randn(2, 6, 5, 4, 3) * 3 + 1
     torch.testing.assert_close(instance_norm(6)(x), torch.nn.InstanceNorm3d(6)(x))
     assert n_params(instance_norm(6)) == 0
-    x = torch.randn(2, 16, 3, 4, 5)
-    ref = F.layer_norm(x.view(2, 2, 8, 3, 4, 5).movedim(2, -1), (8,), eps=1e-6)  # [B, M, ..., C]
-    torch.testing.assert_close(ModalLayerNorm(2, 8)(x), ref.movedim(-1, 2).reshape_as(x))
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 2, 3, 4, 5, 8)  # [B, M, D, H, W, C]
+    norm = ModalLayerNorm(2, 8)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    for i in range(2):
+        ref = F.layer_norm(tokens[:, i], (8,), norm.weight[i], norm.bias[i], eps=1e-6)
+        torch.testing.assert_close(norm(tokens)[:, i], ref)
+    linear = ModalLinear(2, 8, 5)
+    torch.nn.init.normal_(linear.bias)
+    flat = tokens.view(2, 2, -1, 8)
+    for i in range(2):
+        torch.testing.assert_close(linear(flat)[:, i], F.linear(flat[:, i], linear.weight[i], linear.bias[i]))
 
 
 def test_patch_merging_is_layer_norm_and_linear_per_modality():
     torch.manual_seed(0)
     merge = ModalPatchMerging(4, 8, num_modalities=2)
-    x = torch.randn(1, 8, 4, 4, 4)
+    x = torch.randn(1, 2, 4, 4, 4, 4)  # [B, M, D, H, W, C]
     y = merge(x)
-    assert y.shape == (1, 16, 2, 2, 2)
-    cell = x[0, 4:, 0:2, 2:4, 0:2].permute(1, 2, 3, 0).reshape(-1)  # modality 1's cell (0, 1, 0): offsets, channels
-    cell = F.layer_norm(cell, (32,), merge.norm.weight[32:], merge.norm.bias[32:], eps=1e-6)
-    torch.testing.assert_close(y[0, 8:, 0, 1, 0], merge.reduction.weight[8:, :, 0, 0, 0] @ cell)
+    assert y.shape == (1, 2, 2, 2, 2, 8)
+    cell = x[0, 1, 0:2, 2:4, 0:2].reshape(-1)  # modality 1's cell (0, 1, 0): offsets major, channels minor
+    cell = F.layer_norm(cell, (32,), merge.norm.weight[1], merge.norm.bias[1], eps=1e-6)
+    torch.testing.assert_close(y[0, 1, 0, 1, 0], merge.reduction.weight[1] @ cell)
 
 
 def test_pwa_block_doubles_its_input_as_the_authors_residuals_do():
@@ -287,7 +322,7 @@ def test_pwa_block_doubles_its_input_as_the_authors_residuals_do():
     block = PWABlock(8, 2, paired_windows((6, 6, 6), (3, 3, 3)), 1, 4, expansion=2).eval()
     for layer in (block.attn.proj, block.mlp[3]):
         torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
-    x = torch.randn(1, 16, 6, 6, 6)
+    x = torch.randn(1, 2, 6, 6, 6, 8)
     torch.testing.assert_close(block(x), 2 * x)  # x + (x + PWA(LN x)), with the attention and MLP outputs zeroed
 
 
@@ -498,8 +533,9 @@ def test_attention_macs_match_a_hand_count():
     projections = voxels * m * c * 2 * h * (2 * dq + dv) + voxels * m * 2 * h * dv * c  # qkv and proj
     windows = 8 + 1  # 3^3 windows of 6^3 at scale 0, one 6^3 window pooled by 2 at scale 1
     attention = windows * h * (m * 27) ** 2 * (dq + dv)  # q k^T and p v
-    assert count_macs(attn, (1, 16, 6, 6, 6)) * 1e9 == pytest.approx(projections + attention)
-    assert count_macs(attn, (1, 16, 6, 6, 6), device="cpu") == count_macs(attn, (1, 16, 6, 6, 6))
+    shape = (1, 2, 6, 6, 6, 8)  # a token map [B, M, D, H, W, C]
+    assert count_macs(attn, shape) * 1e9 == pytest.approx(projections + attention)
+    assert count_macs(attn, shape, device="cpu") == count_macs(attn, shape)
 
 
 def test_recipe_is_the_authors_schedule():

@@ -26,19 +26,11 @@ import torch.nn.functional as F
 
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
-from sparseseg.models.veloxseg.blocks import (
-    JLC,
-    ModalPatchMerging,
-    PWABlock,
-    Size3,
-    check_windows,
-    conv_norm,
-    instance_norm,
-    paired_windows,
-    pixel_shuffle_3d,
-)
+from sparseseg.models.veloxseg.blocks import JLC, conv_norm, instance_norm, pixel_shuffle_3d
+from sparseseg.models.veloxseg.pwa import ModalLinear, ModalPatchMerging, PWABlock, Size3, check_windows, paired_windows
 from sparseseg.models.veloxseg.sdkt import gram_matrix, sdkt_losses
 
+TRAINING_ONLY = ("reconstruction.", "ds_heads.")  # parameter prefixes not used at inference
 STEM_STRIDE = 4  # the authors' stem: 7^3 stride 4 (conv stream), 4^3 patches (token stream), 4x pixel-shuffle head
 
 
@@ -219,23 +211,26 @@ class VeloxSeg(nn.Module):
         return [[n // (r * 2**s) for n in size] for s in range(len(self.channels))]
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Both streams: ``[B, in, D, H, W] -> (fused conv features [B, C_s, ...], token features [B, M*C_s, ...])``."""
+        """Both streams: ``[B, in, D, H, W] -> (fused conv features [B, C_s, ...], token features [B, M * C_s, ...])``
+        (the token features channels first, modality-major)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}")
         for size, windows in zip(self._stage_sizes(x.shape[2:]), self.windows, strict=True):
             check_windows(size, windows)  # the windows are fixed by img_size: raise before any compute
         modal_inputs = x.split(list(self.modalities), dim=1)
-        t = torch.cat([stem(xi) for stem, xi in zip(self.token_stems, modal_inputs, strict=True)], 1)  # [B, M*C_0, ...]
+        t = torch.stack([stem(xi).permute(0, 2, 3, 4, 1) for stem, xi in zip(self.token_stems, modal_inputs,
+                                                                         strict=True)], 1)  # [B, M, D/r, H/r, W/r, C_0]
         t = self.token_dropout(t)
         c = self.conv_stem(x)  # [B, C_0, D/r, H/r, W/r], r = stem_stride
         conv_feats, token_feats = [], []
         for s in range(len(self.channels)):
             if s > 0:
                 c, t = self.conv_downs[s - 1](c), self.token_downs[s - 1](t)  # 2x down, C_{s-1} -> C_s
-            t = self.token_blocks[s](t)
-            c = self.conv_blocks[s](c + self.mixers[s](t))  # the transformer features join before the JLC
+            t = self.token_blocks[s](t)  # [B, M, D_s, H_s, W_s, C_s]
+            tokens = t.permute(0, 1, 5, 2, 3, 4).flatten(1, 2)  # [B, M * C_s, D_s, H_s, W_s]
+            c = self.conv_blocks[s](c + self.mixers[s](tokens))  # the transformer features join before the JLC
             conv_feats.append(c)
-            token_feats.append(t)
+            token_feats.append(tokens)
         return conv_feats, token_feats
 
     def forward_encoder(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -276,15 +271,15 @@ class VeloxSeg(nn.Module):
     def inference_parameters(self) -> int:
         """Parameters used at inference (everything but the training-only reconstruction decoders and the deep
         supervision heads)."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(self.TRAINING_ONLY))
-
-    TRAINING_ONLY = ("reconstruction.", "ds_heads.")
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(TRAINING_ONLY))
 
 
 def _he_init(module: nn.Module) -> None:
-    """The authors' initialisation: He normal (leaky-ReLU slope 0.01) for every (transposed) convolution, zero bias."""
-    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-        nn.init.kaiming_normal_(module.weight, a=1e-2)
+    """The authors' initialisation: He normal (leaky-ReLU slope 0.01) for every (transposed) convolution, zero bias;
+    their per-modality 1x1 convolutions are our per-modality linear maps."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, ModalLinear)):
+        for weight in module.weight if isinstance(module, ModalLinear) else [module.weight]:
+            nn.init.kaiming_normal_(weight, a=1e-2)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
