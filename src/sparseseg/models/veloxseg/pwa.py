@@ -136,8 +136,8 @@ def window_attention(
 
     On CUDA PyTorch's SDPA. Elsewhere (CPU, and the meta device used for MAC counting, so the count is that of these
     same products) two matmuls and a softmax, which are faster on the CPU for many short windows of narrow heads
-    (also than SDPA with a mask: docs/veloxseg.md): the second product is taken as ``(v^T p^T)^T``, whose rows are
-    ``tokens`` long instead of ``d``, and without autograd the windows run in blocks whose scores stay in the cache.
+    than SDPA with a mask (docs/veloxseg.md); without autograd the windows run in blocks whose scores stay in the
+    cache.
     """
     tokens = q.shape[-2]
     if q.is_cuda:
@@ -153,7 +153,7 @@ def window_attention(
         p = scores.softmax(-1)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
-        return torch.matmul(v.transpose(-1, -2), p.transpose(-1, -2)).transpose(-1, -2)  # [windows, heads, tokens, dv]
+        return torch.matmul(p, v)  # [windows, heads, tokens, dv]
 
     q = q * q.shape[-1] ** -0.5
     per_window = q[0].numel() // q.shape[-1] * tokens  # heads * tokens * tokens
