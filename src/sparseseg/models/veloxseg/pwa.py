@@ -141,7 +141,7 @@ def window_attention(
     """
     tokens = q.shape[-2]
     if q.is_cuda:
-        mask = None if bias is None else bias.repeat(1, tokens // bias.shape[-1], tokens // bias.shape[-1])
+        mask = None if bias is None else bias.to(q.dtype).repeat(1, tokens // bias.shape[-1], tokens // bias.shape[-1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
