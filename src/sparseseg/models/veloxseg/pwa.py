@@ -179,9 +179,10 @@ class ModalLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_modalities, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (x.shape[1], *(1,) * (x.dim() - 3), self.channels)  # [M, 1, ..., C]
-        y = F.layer_norm(x, (self.channels,), eps=self.eps)
-        return torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
+        # One affine LayerNorm per modality: faster on the CPU than a plain one followed by the modalities' affine.
+        parts = [F.layer_norm(x[:, i : i + 1], (self.channels,), w, b, self.eps)
+                 for i, (w, b) in enumerate(zip(self.weight, self.bias, strict=True))]  # [B, 1, ..., C] each
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # [B, M, ..., C]
 
 
 class ModalLinear(nn.Module):
