@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
@@ -18,6 +20,66 @@ from sparseseg.models.common.registry import list_models, register_model
 TEST_AFFINE = np.array(
     [[-1.0, 0.0, 0.0, 10.0], [0.0, -1.2, 0.0, 20.0], [0.0, 0.0, 1.5, -5.0], [0.0, 0.0, 0.0, 1.0]]
 )
+
+
+# ITK (LPS) direction matrices, columns = voxel axes: an oblique rotation, and a sagittal order (voxel axes along
+# anterior, inferior, left: far from RAS) as scanners and 3D Slicer write them.
+OBLIQUE = sitk.VersorRigid3DTransform((1.0, 1.0, 1.0), 0.3).GetMatrix()
+SAGITTAL = (0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+ITK_SPACING = (0.8, 0.9, 2.0)
+ITK_ORIGIN = (10.0, -20.0, 5.0)
+
+
+def itk_volume(array: np.ndarray, direction=OBLIQUE, spacing=ITK_SPACING, origin=ITK_ORIGIN) -> sitk.Image:
+    """A SimpleITK image of ``array`` ``[X, Y, Z]`` (or ``[X, Y, Z, C]`` components) with the given geometry."""
+    if array.ndim == 4:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0, 3)), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))  # [X, Y, Z] -> [Z, Y, X]
+    image.SetDirection(direction)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def write_dicom_series(array: np.ndarray, folder: Path, direction=OBLIQUE, spacing=ITK_SPACING, origin=ITK_ORIGIN,
+                       series: int = 1, skip: tuple[int, ...] = (), shift: dict[int, float] | None = None) -> Path:
+    """One CT series of ``array`` ``[X, Y, Z]`` (int16), one file per slice, written by SimpleITK (GDCM).
+
+    ``skip`` leaves slices out (a missing slice); ``shift`` moves slice ``k`` by that many mm along the normal
+    (uneven spacing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = itk_volume(array.astype(np.int16), direction, spacing, origin)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale (ASCII text I/O) for good
+    try:
+        _write_slices(image, folder, series, skip, shift or {})
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return folder
+
+
+def _write_slices(image: sitk.Image, folder: Path, series: int, skip: tuple[int, ...], shift: dict[int, float]) -> None:
+    d = image.GetDirection()
+    normal = np.asarray(d).reshape(3, 3)[:, 2]
+    root = "1.2.826.0.1.3680043.8.498"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetSize()[2]):
+        if k in skip:
+            continue
+        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k))) + shift.get(k, 0.0) * normal
+        tags = {"0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{root}.{series}.{k + 1}", "0008|0060": "CT",
+                "0010|0010": "Test^Patient", "0010|0020": "P001", "0020|000d": f"{root}.100",
+                "0020|000e": f"{root}.{series}", "0020|0011": str(series), "0020|0013": str(k + 1),
+                "0020|0052": f"{root}.200", "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                "0018|0050": str(image.GetSpacing()[2])}
+        slice_ = image[:, :, k]
+        slice_.SetOrigin(tuple(float(v) for v in position))
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{series}_{k:03d}.dcm"))
+        writer.Execute(slice_)
 
 
 def synthetic_case(shape=(24, 24, 24), seed: int = 0, channels: int = 1, ct: bool = True):

@@ -37,7 +37,8 @@ real_save = torch.save
 def save_then_die(obj, f, *args, **kwargs):  # SIGKILL half-way through writing the epoch-2 checkpoint
     real_save(obj, f, *args, **kwargs)
     if isinstance(obj, dict) and obj.get("epoch") == 2:
-        os.truncate(f, os.path.getsize(f) // 2)
+        f.flush()  # f is the open temporary file
+        os.truncate(f.name, os.path.getsize(f.name) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -102,14 +103,14 @@ def test_folder_prediction_memory_flat_and_past_broken_files(tmp_path, capsys, m
     save(nan_image, inputs / "case12b.nii.gz")  # fails only once its voxels are read
 
     rss: list[float] = []
-    real_save = inference_mod.save_nifti
+    real_save = inference_mod.write_prediction
 
     def save_and_measure(*args, **kwargs):
         out = real_save(*args, **kwargs)
         rss.append(_rss_mb())
         return out
 
-    monkeypatch.setattr(inference_mod, "save_nifti", save_and_measure)
+    monkeypatch.setattr(inference_mod, "write_prediction", save_and_measure)
     out = tmp_path / "out"
     code = main(["predict", "--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(out),
                  "--overlap", "0.25", "--sw-batch-size", "2"])

@@ -5,7 +5,12 @@ Contents (keys): ``format`` (``"sparseseg-checkpoint"``), ``format_version``, ``
 ``state_dict``, ``data`` (the :class:`~sparseseg.data.transforms.DataConfig` as a dict: intensity preset, spacing,
 ROI, labels/regions, class names), ``config`` (the training config), ``epoch`` (epochs completed),
 ``iteration``, ``best_metric``, ``best_epoch``, ``elapsed`` (training seconds), ``optimizer``, ``scheduler``,
-``scaler``, ``rng`` (python / numpy / torch / cuda states) and ``history`` (per-epoch log rows).
+``scaler``, ``rng`` (python / numpy / torch / cuda states; ``rng_per_rank`` of every process), ``sampler`` and
+``history`` (per-epoch log rows); a checkpoint written when a signal stopped training inside an epoch adds
+``partial_epoch`` (:mod:`sparseseg.training.run_state`).
+
+:func:`save_checkpoint` writes through :func:`~sparseseg.data.io.atomic_write`: a full disk or a read-only folder
+raises :class:`~sparseseg.errors.WriteError` naming the file and the size it needed; the previous file is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from sparseseg.data.io import atomic_write
 from sparseseg.errors import InputError
 
 FORMAT = "sparseseg-checkpoint"
-FORMAT_VERSION = 1
+# 2: ``unetr``'s default decoder taps became the authors' (outputs of blocks 4/7/10 for v2, 5/9 for v1, spread over
+# other depths); a format-1 ``unetr`` without ``skip_layers`` was built with 3/6/9 (v2) and 4/8 (v1).
+FORMAT_VERSION = 2
+_V1_UNETR_TAPS = {"v2": [3, 6, 9], "v1": [4, 8]}  # format-1 defaults ("original" was 4/7/10 then too)
 REQUIRED_KEYS = ("model_name", "model_args", "state_dict", "data")
 
 
@@ -68,7 +76,31 @@ def save_checkpoint(path: str | Path, model: nn.Module, data: dict[str, Any], **
         "data": data,
         **extra,
     }
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return atomic_write(path, lambda tmp: _save(ckpt, tmp), size=_estimated_size(ckpt))
+
+
+def _save(ckpt: dict[str, Any], tmp: Path) -> None:
+    # Through a Python file object: a full disk then raises OSError(ENOSPC), which torch chains to its own
+    # RuntimeError; given a file name, torch's C++ writer loses the cause ("unexpected pos ...").
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def _estimated_size(obj: Any) -> int:
+    """About the bytes ``torch.save(obj)`` writes: every tensor storage once, plus an archive record per storage
+    and the pickled rest (small beside the weights of any real model)."""
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            stack += x.values()
+        elif isinstance(x, (list, tuple)):
+            stack += x
+    return sum(storages.values()) + 192 * len(storages) + 4096
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -76,6 +108,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("not a sparseseg checkpoint (empty file)", path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -83,8 +117,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if code:  # a pickle that would call or build arbitrary Python objects: refused, nothing ran
             raise InputError(f"not a sparseseg checkpoint (holds Python code or objects, {code[1]!r}, that "
                              "weights-only loading refuses to run)", path) from err
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"not a sparseseg checkpoint (cannot be loaded: {msg[:200]})", path) from err
+        raise InputError(f"not a sparseseg checkpoint ({_load_failure(err)})", path) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError("not a sparseseg checkpoint (no sparseseg format marker)", path)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
@@ -92,7 +125,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"incomplete sparseseg checkpoint (missing {', '.join(missing)})", path)
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"checkpoint format version {ckpt['format_version']} is newer than this sparseseg", path)
+    _upgrade_model_args(ckpt)
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """The gist of torch.load's error, without its paragraphs of advice."""
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:  # not a pickle of tensors at all (a text file, another format)
+        return f"cannot be unpickled: {unpickler[1].strip()}"
+    gist = (text.split(". ")[0].splitlines() or [type(err).__name__])[0][:200]
+    if "central directory" in text or isinstance(err, EOFError):
+        return f"cut short or corrupt: {gist}"
+    return f"cannot be loaded: {gist}"
+
+
+def _upgrade_model_args(ckpt: dict[str, Any]) -> None:
+    """Spell out, in memory, what a format-1 checkpoint left to defaults that have changed since (the file stays)."""
+    args = ckpt["model_args"]
+    if int(ckpt.get("format_version", 1)) >= 2 or ckpt["model_name"] != "unetr" or args.get("skip_layers"):
+        return
+    decoder = args.get("decoder") or ("original" if args.get("patch_size", 8) == 16 else "v2")
+    if decoder in _V1_UNETR_TAPS:
+        ckpt["model_args"] = {**args, "skip_layers": list(_V1_UNETR_TAPS[decoder])}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) -> nn.Module:

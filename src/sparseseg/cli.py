@@ -54,11 +54,16 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from sparseseg.recipes import RECIPES
+
     p = sub.add_parser("train", help="train a model on an MSD / nnU-Net dataset",
                        description="Train a registered model. Flags override --config FILE (YAML), which overrides "
-                                   "the defaults; see docs/pipeline.md.")
+                                   "the --recipe, which overrides the defaults; see docs/pipeline.md.")
     S = argparse.SUPPRESS  # only flags that are given override the config file
     p.add_argument("--config", metavar="FILE", help="YAML file of training config keys")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=S,
+                   help="named set of config values under the file and the flags: btcv, brats = the STP + MTA "
+                        "authors' runs (for unetr and stp_mta_unetr)")
     p.add_argument("--dataset", default=S, help="dataset.json (MSD or nnU-Net v2) or its folder")
     p.add_argument("--model", default=S, help="registered model name (see `sparseseg models`)")
     p.add_argument("--output", default=S, help="run directory (config.json, log.csv, last.pt, best.pt)")
@@ -66,7 +71,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--roi-size", type=int, nargs="+", default=S, metavar="N", help="crop size: N or D H W")
     p.add_argument("--epochs", type=int, default=S)
     p.add_argument("--iters-per-epoch", type=int, default=S, help="default: one pass over the training cases")
-    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--batch-size", type=int, default=S, help="volumes per step (the learning rate scales with it)")
+    p.add_argument("--num-samples", type=int, default=S, help="random crops per volume per step (default 1)")
     p.add_argument("--lr", type=float, default=S, help="plain learning rate (default: base_lr * batch / 256)")
     p.add_argument("--prune-ratio", type=float, default=S, help="token pruning ratio of a sparse model")
     p.add_argument("--fold", type=int, default=S, help="validation fold of the seeded k-fold split")
@@ -79,7 +85,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=S, metavar="SECONDS", help="stop training after this time")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument (repeatable), e.g. hidden_size=192")
-    p.add_argument("--resume", action="store_true", default=S, help="continue from OUTPUT/last.pt")
+    p.add_argument("--resume", action="store_true", default=S,
+                   help="continue from OUTPUT/last.pt (or the newest readable checkpoint there)")
+    p.add_argument("--overwrite", action="store_true", default=S,
+                   help="OUTPUT holds a run: move it to a dated sibling folder (OUTPUT.YYYYmmdd-HHMMSS) and start "
+                        "afresh; nothing is deleted")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.config import build_config
@@ -103,16 +113,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment NIfTI volumes with a checkpoint",
-                       description="Sliding-window inference; writes OUTPUT/CASE.nii.gz on each input's grid.")
+    p = sub.add_parser("predict", help="segment 3-D scans (NIfTI, NRRD, MetaImage, DICOM series) with a checkpoint",
+                       description="Sliding-window inference; writes one label map per case on its input's grid, "
+                                   "in the input's format by default: OUTPUT/CASE.nii.gz, CASE.seg.nrrd, CASE.mha "
+                                   "(NIfTI for a DICOM series).")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt of `sparseseg train`")
-    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s); CASE_0000, ... channels")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="image file(s) (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd), DICOM series folder(s) (one series "
+                        "each) and/or folders of them; CASE_0000, CASE_0001, ... are the channels of CASE")
     p.add_argument("--output", required=True, help="output folder (must not contain the inputs)")
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
+    p.add_argument("--output-format", choices=["nifti", "nrrd", "mha", "dicom-seg"], default=None,
+                   help="format of the label maps (default: the input's; NIfTI for a DICOM series): nifti "
+                        "(CASE.nii.gz), nrrd (CASE.seg.nrrd, 3D Slicer segments), mha (CASE.mha), dicom-seg (CASE.dcm, "
+                        "a DICOM SEG referencing the input series; needs sparseseg[dicom])")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE_probabilities.nii.gz ([X, Y, Z, K] float32; .nrrd / .mha in those formats)")
     p.add_argument("--stitch-device", default="auto",
                    help="where each whole volume is stitched (MONAI's device; --device is its sw_device): auto "
                         "(--device, or cpu for volumes too large for the GPU), cpu, cuda")
@@ -125,7 +144,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         written = predict(args.checkpoint, args.input, args.output, prune_ratio=args.prune_ratio,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, output_format=args.output_format)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -134,8 +153,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice and HD95 of predictions against reference labels")
-    p.add_argument("--pred", required=True, help="folder of predicted CASE.nii.gz")
-    p.add_argument("--label", required=True, help="folder of reference CASE.nii.gz")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (CASE.nii.gz, .seg.nrrd, .mha, ...)")
+    p.add_argument("--label", required=True, help="folder of reference label maps (CASE.nii.gz, .nrrd, .mha, ...)")
     p.add_argument("--output", default=None, help="metrics.json to write")
     p.add_argument("--dataset", default=None, help="dataset.json for class names and regions (BraTS TC/WT/ET)")
     p.add_argument("--label-mode", choices=["auto", "classes", "regions"], default="auto",
@@ -289,13 +308,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="stp_mta_unetr", choices=["stp_mta_unetr", "veloxseg", "tokenseg"],
                    help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both models (default 3e-3)")
+    p.add_argument("--pruned-mask", choices=["before_norm", "after_norm"], default="before_norm",
+                   help="stp_mta_unetr: where MTA multiplies the pruned tokens by 1 - M; before_norm (the authors') "
+                        "lets only the kept tokens train the scorer, after_norm both (default before_norm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="constructor argument of the --model model (repeatable), e.g. skips=dense for tokenseg")
 
     def run(args: argparse.Namespace) -> int:
+        from sparseseg.config import parse_model_args
         from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
+                          pruned_mask=args.pruned_mask, model_args=parse_model_args(args.model_arg))
         sys.stdout.write(f"wrote {report}\n")
         return 0
 
@@ -333,9 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_cublas_addmm()  # GPU: nn.Linear without cuBLASLt's per-call host cost (sparseseg/runtime.py)
     try:
         return int(args.func(args) or 0)
-    except SparsesegError as err:
-        sys.stderr.write(f"sparseseg {args.command}: error: {err}\n")
-        return 2
+    except SparsesegError as err:  # exit codes: sparseseg/errors.py
+        sys.stderr.write(f"sparseseg {args.command}: {err.label}: {err}\n")
+        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -48,7 +48,7 @@ def test_missing_and_corrupt_files(tmp_path):
         load_image([good])
     txt = tmp_path / "image.txt"
     txt.write_text("x")
-    with pytest.raises(InputError, match="not a NIfTI"):
+    with pytest.raises(InputError, match="not an image file"):
         load_image([txt])
     with pytest.raises(InputError, match="missing.nii: file not found"):
         read_header_shape(tmp_path / "missing.nii")

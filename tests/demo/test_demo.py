@@ -10,7 +10,9 @@ import struct
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from sparseseg import create_model
 from sparseseg.cli import main
 from sparseseg.data.datasets import load_dataset
 from sparseseg.demo.data import (
@@ -118,6 +120,26 @@ def test_settings_follow_the_flags():
     assert demo_settings(False, None, 0.75, 0, "cpu", lr=1e-3).train["lr"] == 1e-3 == full.train["lr"] / 3
     with pytest.raises(InputError, match="--lr"):
         demo_settings(False, None, 0.75, 0, "cpu", lr=0.0)
+    assert full.args_of("stp_mta_unetr")["pruned_mask"] == "before_norm"  # the authors' order by default
+    after = demo_settings(True, None, 0.75, 0, "cpu", pruned_mask="after_norm")
+    assert after.args_of("stp_mta_unetr")["pruned_mask"] == "after_norm" and "pruned_mask" not in after.args_of("unetr")
+    with pytest.raises(InputError, match="--pruned-mask"):
+        demo_settings(False, None, 0.75, 0, "cpu", pruned_mask="inside")
+    token = demo_settings(True, None, 0.75, 0, "cpu", model="tokenseg", model_args={"skips": "dense"})
+    assert token.args_of("tokenseg")["skips"] == "dense" and token.args_of("tokenseg")["num_keep"] == 12
+    assert "skips" not in demo_settings(True, None, 0.75, 0, "cpu", model="tokenseg").args_of("tokenseg")
+    assert demo_settings(True, None, 0.75, 0, "cpu", model_args={"prune_ratio": 0.5}).sparse_args["prune_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("quick,taps", [(True, (1, 2, 3)), (False, (2, 4, 5))])
+def test_demo_unetr_taps_follow_its_depth(quick, taps):
+    """The demo leaves unetr's taps to the default spread, the authors' 4/7/10 of 12 blocks scaled to its depth."""
+    s = demo_settings(quick, None, 0.75, 0, "cpu")
+    args = s.args_of("unetr")
+    assert "skip_layers" not in args
+    with torch.device("meta"):
+        model = create_model("unetr", in_channels=1, out_channels=4, img_size=s.roi, **args)
+    assert model.skip_layers == taps
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -160,3 +182,19 @@ def test_quick_demo_with_veloxseg(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["mean_dice"]) == {"unetr", "veloxseg", "threshold"}
     assert (out / "curves.png").exists() and not (out / "policy.png").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_with_tokenseg_reports_the_ablation_and_the_boundary_fraction(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", "tokenseg", "--output", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for row in ("| TokenSeg |", "| TokenSeg, tokens zeroed |", "| TokenSeg, skips removed |",
+                "Tokens zeroed at inference", "Skips removed at inference", "chance, random cells",
+                "![kept token cells](tokens.png)"):
+        assert row in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean_dice"]) == {"unetr", "tokenseg", "tokenseg_zeroed", "tokenseg_no_skips", "threshold"}
+    assert set(summary["inference_seconds"]) == {"unetr", "tokenseg"}
+    w, h = _png_size(out / "tokens.png")
+    assert w > 100 and h > 100

@@ -90,12 +90,12 @@ def test_evaluate_regions(tmp_path):
 def test_evaluate_bad_inputs(tmp_path):
     save(np.zeros(SHAPE, np.uint8), tmp_path / "pred" / "a.nii.gz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="a.nii.gz: no reference a.nii.gz"):
+    with pytest.raises(InputError, match="a.nii.gz: no reference label map a in"):
         evaluate(tmp_path / "pred", tmp_path / "empty")
     with pytest.raises(InputError, match="nowhere: label folder not found"):
         evaluate(tmp_path / "pred", tmp_path / "nowhere")
     save(np.zeros((10, 10, 9), np.uint8), tmp_path / "ref" / "a.nii.gz")
     with pytest.raises(InputError, match=r"pred/a.nii.gz: label shape \(10, 10, 10\) differs"):
         evaluate(tmp_path / "pred", tmp_path / "ref")
-    with pytest.raises(InputError, match="no NIfTI predictions"):
+    with pytest.raises(InputError, match="no predicted label maps found"):
         evaluate(tmp_path / "empty", tmp_path / "ref")

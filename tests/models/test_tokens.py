@@ -45,3 +45,15 @@ def test_soft_topk_without_noise_is_plain_topk():
     log_scores = torch.tensor([[0.1, 0.9, 0.3, 0.7]])
     sel = soft_topk(log_scores, 2, noise=False, differentiable=False)
     assert sel.keep_idx.tolist() == [[1, 3]] and sel.drop_idx.tolist() == [[0, 2]]
+
+
+def test_soft_topk_noise_and_selection_are_float32_masks_keep_the_input_dtype():
+    torch.manual_seed(0)
+    log_scores = torch.randn(2, 64).bfloat16().requires_grad_(True)
+    low = soft_topk(log_scores, 10, generator=torch.Generator().manual_seed(3))
+    full = soft_topk(log_scores.detach().float(), 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(low.keep_idx, full.keep_idx) and torch.equal(low.drop_idx, full.drop_idx)
+    assert low.keep_mask.dtype == low.drop_mask.dtype == torch.bfloat16
+    assert torch.equal(low.keep_mask, torch.ones_like(low.keep_mask))
+    low.keep_mask.sum().backward()
+    assert log_scores.grad is not None and log_scores.grad.abs().sum() > 0

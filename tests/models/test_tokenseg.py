@@ -8,8 +8,10 @@ from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.tokenseg.boundary import (
     TokenSelection,
     boundary_band,
+    boundary_report,
     cell_band_fraction,
     cell_touches_band,
+    chance_boundary_fraction,
     selected_boundary_fraction,
 )
 from sparseseg.models.tokenseg.model import TokenSeg
@@ -83,7 +85,7 @@ def test_selection_size_and_train_eval_contract(training):
     assert isinstance(out, SegmentationOutput) == training
     assert logits.shape == (2, 3, 32, 32, 32)
     enc = model.forward_encoder(x)
-    assert enc.keep_idx.shape == (2, 24) and enc.kept.shape == (2, 24, 24) and enc.dropped.shape == (2, 74, 24)
+    assert enc.keep_idx.shape == (2, 24) and enc.kept.shape == (2, 24, 24) and enc.drop_idx.shape == (2, 74)
     together = torch.cat([enc.keep_idx, enc.drop_idx], 1).sort(1).values
     assert torch.equal(together, torch.arange(98).expand(2, -1))
     if training:
@@ -100,7 +102,8 @@ def test_forward_backward_finite_and_gradients_reach_every_part():
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    for part in ("stages.3", "proposal.0", "vq.codebook", "scorer", "mixer", "reproject.2", "head"):
+    for part in ("stages.3", "proposal.0", "vq.codebook", "scorer", "mixer", "decoder.reproject.2", "decoder.fill.0",
+                 "decoder.refine.0", "decoder.coarse_head", "decoder.head", "decoder.image_skip"):
         grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith(part)]
         assert sum(grads) > 0, part
 
@@ -216,6 +219,53 @@ def test_selection_maps_and_boundary_fraction():
     assert torch.allclose(selected_boundary_fraction(sel, label, 1), torch.tensor([1 / 3]))
 
 
+def _plane_selection(levels: list[int], cells: list[list[int]]) -> tuple[TokenSelection, torch.Tensor]:
+    """A selection on an 8^3 volume (levels of stride 2 and 4) and a label whose boundary is the plane between
+    x = 3 and x = 4: at radius 1 the band is x in {3, 4}."""
+    sel = TokenSelection(levels=torch.tensor([levels]), cells=torch.tensor([cells]), scores=torch.zeros(1, len(levels)),
+                         strides=(2, 4), grid_sizes=((4, 4, 4), (2, 2, 2)))
+    label = torch.zeros(1, 1, 8, 8, 8)
+    label[..., 4:] = 1
+    return sel, label
+
+
+def test_boundary_fraction_share_and_chance_on_a_plane():
+    # level 0: x-cells [0, 1] [2, 3] [4, 5] [6, 7]: the middle two touch the band, each half inside it;
+    # level 1: x-cells [0..3] [4..7] both touch it, a quarter inside
+    sel, label = _plane_selection([0, 0, 0, 1], [[0, 0, 1], [1, 2, 2], [3, 3, 3], [0, 0, 1]])
+    report = boundary_report(sel, label, radius=1)
+    assert torch.allclose(report["touches"], torch.tensor([3 / 4]))
+    assert torch.allclose(report["share"], torch.tensor([(0.5 + 0.5 + 0 + 0.25) / 4]))
+    # chance: 3 random level-0 cells touch with probability 1/2, 1 level-1 cell with 1; share: the band's volume 1/4
+    assert torch.allclose(report["touches_chance"], torch.tensor([(3 * 0.5 + 1.0) / 4]))
+    assert torch.allclose(report["share_chance"], torch.tensor([0.25]))
+    assert torch.equal(chance_boundary_fraction(sel, label, 1, "share"), report["share_chance"])
+    assert torch.equal(selected_boundary_fraction(sel, label, 1, "share"), report["share"])
+    with pytest.raises(ValueError, match="measure"):
+        selected_boundary_fraction(sel, label, 1, "near")
+
+
+def test_chance_level_equals_random_selections_per_level_quota():
+    label = ball_label(size=32, batch=1)
+    model = tiny().eval()
+    sel = model.select_tokens(torch.randn(1, 2, 32, 32, 32))
+    quota = torch.bincount(sel.levels[0], minlength=4)
+    gen = torch.Generator().manual_seed(0)
+    draws = {"touches": [], "share": []}
+    for _ in range(400):  # random cells, the same number per level as the model kept
+        levels, cells = [], []
+        for level, (k, grid) in enumerate(zip(quota.tolist(), model.grid_sizes, strict=True)):
+            flat = torch.randperm(grid[0] * grid[1] * grid[2], generator=gen)[:k]
+            levels += [level] * k
+            cells += torch.stack([flat // (grid[1] * grid[2]), flat // grid[2] % grid[1], flat % grid[2]], 1).tolist()
+        rand = TokenSelection(torch.tensor([levels]), torch.tensor([cells]), torch.zeros(1, len(levels)),
+                              sel.strides, sel.grid_sizes)
+        for measure in draws:
+            draws[measure].append(float(selected_boundary_fraction(rand, label, 2, measure)))
+    for measure, values in draws.items():
+        assert abs(sum(values) / len(values) - float(chance_boundary_fraction(sel, label, 2, measure))) < 0.01
+
+
 def test_deterministic_eval_and_select_tokens():
     model = tiny().eval()
     x = torch.randn(1, 2, 32, 32, 32)
@@ -230,18 +280,6 @@ def test_deterministic_eval_and_select_tokens():
     assert int(counts.sum()) == 24 and (a.cells >= 0).all()
     frac = selected_boundary_fraction(a, ball_label(batch=1))
     assert frac.shape == (1,) and 0.0 <= float(frac) <= 1.0
-
-
-@pytest.mark.parametrize("slab", [1, 3, 16])
-def test_sliced_inference_head_equals_the_whole_head(slab):
-    model = tiny().eval()
-    x = torch.randn(1, 2, 32, 32, 32)
-    with torch.enable_grad():
-        whole = model(x)
-    model.head_slab = slab
-    with torch.no_grad():
-        sliced = model(x)
-    assert torch.allclose(whole, sliced, atol=1e-5)
 
 
 def test_state_dict_keys_do_not_depend_on_num_keep():
@@ -272,6 +310,7 @@ def test_state_dict_keys_do_not_depend_on_num_keep():
         (dict(tau=0.0), "tau"),
         (dict(norm_name="layer"), "norm_name"),
         (dict(feature_size=0), "feature_size"),
+        (dict(skips="all"), "skips"),
     ],
 )
 def test_bad_arguments_raise(overrides, match):

@@ -30,6 +30,52 @@ def test_parameter_parity_with_monai_unetr():
     assert count_params(ours.decoder) == count_params(monai) - count_params(monai.vit)
 
 
+@pytest.mark.parametrize("decoder,patch,taps", [("original", 16, (4, 7, 10)), ("v2", 8, (4, 7, 10)), ("v1", 8, (5, 9))])
+def test_default_taps_are_the_authors_for_vit_b(decoder, patch, taps):
+    with torch.device("meta"):
+        assert create_model("unetr", patch_size=patch, decoder=decoder).skip_layers == taps  # 12 blocks
+
+
+@pytest.mark.parametrize("decoder,indices", [("v2", (3, 6, 9)), ("v1", (4, 8))])
+def test_taps_are_the_authors_hidden_states_out(decoder, indices):
+    """The authors' decoders read ``hidden_states_out[3/6/9]`` (v2) and ``[4/8]`` (v1) of a list appended after
+    every block (as MONAI's UNETR): the default taps are exactly those block outputs."""
+    torch.manual_seed(0)
+    model = create_model("unetr", in_channels=1, out_channels=2, img_size=32, decoder=decoder, hidden_size=12,
+                         mlp_dim=24, num_layers=12, num_heads=2, feature_size=4).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        z, hidden_states_out = model.vit.embed(x), []
+        for blk in model.vit.blocks:
+            z, _ = blk(z)
+            hidden_states_out.append(z)
+        final, taps = model.forward_encoder(x)
+    assert len(taps) == len(indices)
+    for tap, i in zip(taps, indices, strict=True):
+        assert torch.equal(tap, hidden_states_out[i])
+    assert torch.equal(final, model.vit.norm(hidden_states_out[-1]))
+
+
+@pytest.mark.parametrize("num_layers,decoder,taps", [
+    (1, "v1", (1, 1)), (2, "v2", (1, 2, 2)), (3, "v2", (1, 2, 3)), (6, "v2", (2, 4, 5)), (6, "v1", (3, 5)),
+    (24, "original", (7, 13, 19)),
+])
+def test_default_taps_follow_the_depth(num_layers, decoder, taps):
+    patch = 16 if decoder == "original" else 8
+    with torch.device("meta"):
+        model = create_model("unetr", img_size=32, patch_size=patch, decoder=decoder, hidden_size=12, mlp_dim=24,
+                             num_layers=num_layers, num_heads=2)
+    assert model.skip_layers == taps
+
+
+def test_shallow_unetr_builds_and_runs():
+    torch.manual_seed(0)
+    model = create_model("unetr", in_channels=1, out_channels=2, img_size=32, **{**TINY_VIT, "num_layers": 3}).eval()
+    assert model.skip_layers == (1, 2, 3)
+    with torch.inference_mode():
+        assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
 @pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
 def test_presets(name):
     btcv, brats = resolve_model_args(name, "btcv"), resolve_model_args(name, "brats")
@@ -159,3 +205,15 @@ def test_channel_instance_norm_is_instance_norm(channels_last):
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expected"):
         ChannelInstanceNorm3d(3)(x)
+
+
+@pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
+def test_drop_path_rate_reaches_the_vit_blocks(name):
+    with torch.device("meta"):
+        model = create_model(name, preset="btcv", drop_path_rate=0.1)
+        plain = create_model(name, preset="btcv")
+    rates = [blk.drop_path.drop_prob for blk in model.vit.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    if name == "stp_mta_unetr":  # the completion Transformer has none (the authors' FusionNet blocks)
+        assert {blk.drop_path.drop_prob for blk in model.completion.blocks} == {0.0}

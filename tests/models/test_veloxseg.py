@@ -543,7 +543,9 @@ def test_recipe_is_the_authors_schedule():
     from sparseseg.recipes import RECIPES
     from sparseseg.training.optim import WarmupCosine
 
-    config = TrainConfig.from_dict({**RECIPES["veloxseg"], "dataset": "d", "output": "o"}).validate()
+    assert "veloxseg" in RECIPES
+    config = TrainConfig.from_recipe("veloxseg", dataset="d", output="o").validate()
+    assert config.model == "veloxseg" and config.num_samples == 2 and config.roi_size == [96, 96, 96]
     assert config.learning_rate() == 2.5e-4 and config.weight_decay == 0.01 and config.betas == [0.9, 0.999]
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate())
     schedule = WarmupCosine(optimizer, config.learning_rate(), total_iters=300, warmup_fraction=config.warmup_fraction,

@@ -36,6 +36,8 @@ def test_bad_vit_arguments():
         tiny_vit(num_heads=5)
     with pytest.raises(ValueError, match="dropout_rate"):
         tiny_vit(dropout_rate=1.5)
+    with pytest.raises(ValueError, match="drop_path_rate must be in"):
+        tiny_vit(drop_path_rate=1.0)
 
 
 def explicit_attention(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,3 +83,20 @@ def test_dropout_only_in_training():
     assert torch.equal(vit(x), vit(x))
     vit.train()
     assert not torch.equal(vit(x), vit(x))
+
+
+def test_stochastic_depth_rises_linearly_and_acts_only_in_training():
+    torch.manual_seed(0)
+    vit = tiny_vit(num_layers=5, drop_path_rate=0.8)
+    assert [b.drop_path.drop_prob for b in vit.blocks] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    plain = tiny_vit(num_layers=5)
+    plain.load_state_dict(vit.state_dict())  # the rate adds no parameters: the same keys load
+    x = torch.randn(8, 2, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit.eval()(x), plain.eval()(x))
+        torch.manual_seed(1)
+        dropped = vit.train()(x)
+        assert torch.equal(plain.train()(x), plain.eval()(x))  # no dropout: training alone changes nothing
+    # whole samples skip branches: each sample's output differs from the deterministic one
+    differs = (dropped - plain(x)).flatten(1).abs().amax(1) > 1e-6
+    assert differs.any()

@@ -18,6 +18,7 @@ from sparseseg.data.transforms import DataConfig
 from sparseseg.errors import InputError
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import create_model
+from sparseseg.training import run_state
 from sparseseg.training import trainer as trainer_mod
 from sparseseg.training.losses import SegmentationLoss
 from sparseseg.training.optim import WarmupCosine, build_optimizer, layer_ids, param_groups
@@ -135,6 +136,21 @@ def test_checkpoint_round_trip_and_rejects(tmp_path):
         load_checkpoint(tmp_path / "pickled.pt")  # arbitrary objects are refused by weights_only
 
 
+@pytest.mark.parametrize("decoder,old_taps", [("v2", (3, 6, 9)), ("v1", (4, 8))])
+def test_format_1_unetr_checkpoint_keeps_the_taps_it_was_trained_with(tmp_path, decoder, old_taps):
+    args = dict(in_channels=1, out_channels=2, img_size=32, decoder=decoder, hidden_size=12, mlp_dim=24,
+                num_layers=12, num_heads=2, feature_size=4)
+    model = create_model("unetr", **args)
+    path = save_checkpoint(tmp_path / "new.pt", model, {})
+    assert model_from_checkpoint(load_checkpoint(path)).skip_layers == model.skip_layers != old_taps
+    old = torch.load(path, weights_only=True)
+    old["format_version"] = 1  # written before the default taps changed, without skip_layers
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    assert ckpt["model_args"]["skip_layers"] == list(old_taps)
+    assert model_from_checkpoint(ckpt).skip_layers == old_taps
+
+
 def test_config_yaml_and_overrides(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("dataset: d.json\nmodel: tiny_seg\noutput: run\nepochs: 7\nroi_size: 16\n"
@@ -164,7 +180,7 @@ def test_resume_gives_the_same_weights(tmp_path, msd_dataset, monkeypatch):
     full = trainer_mod.train(_cfg(msd_dataset, tmp_path / "full"))
     assert full.name == "best.pt"
 
-    real_save = trainer_mod.save_checkpoint
+    real_save = run_state.save_checkpoint
 
     def interrupt_after_first_epoch(path, *args, **kwargs):
         out = real_save(path, *args, **kwargs)
@@ -172,10 +188,10 @@ def test_resume_gives_the_same_weights(tmp_path, msd_dataset, monkeypatch):
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", interrupt_after_first_epoch)
+    monkeypatch.setattr(run_state, "save_checkpoint", interrupt_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         trainer_mod.train(_cfg(msd_dataset, tmp_path / "split"))
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 1
     trainer_mod.train(_cfg(msd_dataset, tmp_path / "split", resume=True))
 
@@ -207,8 +223,8 @@ def test_resume_restores_each_process_random_state(tmp_path, msd_dataset):
                     rng=states[0], rng_per_rank=states)
     for rank in (0, 1):
         torch.manual_seed(99)
-        trainer_mod._resume(tmp_path / "last.pt", model, optimizer, scheduler, scaler, cfg,
-                            trainer_mod.DistInfo(rank=rank, world_size=2))
+        run_state.restore(tmp_path / "last.pt", model, optimizer, scheduler, scaler, cfg,
+                          trainer_mod.DistInfo(rank=rank, world_size=2))
         assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
 
 

@@ -28,6 +28,7 @@ from sparseseg.visualize.plots import (
     policy_volume,
 )
 from sparseseg.visualize.policy import policy_levels, policy_map
+from sparseseg.visualize.tokens import token_map
 
 TINY_SPARSE = {"in_channels": 1, "out_channels": 3, "img_size": 16, "patch_size": 8, "hidden_size": 24,
                "mlp_dim": 48, "num_layers": 3, "num_heads": 2, "feature_size": 4, "decoder": "v1",
@@ -129,6 +130,24 @@ def test_policy_map_pads_odd_sizes_and_ratio_zero_keeps_everything():
     depth = policy_map(model, torch.randn(1, 20, 9, 16), [16, 16, 16])
     assert depth.shape == (3, 2, 2)
     assert np.all(depth == model.num_layers)
+
+
+def test_token_map_stitches_kept_cells_and_averages_the_boundary_report():
+    torch.manual_seed(0)
+    model = create_model("tokenseg", in_channels=1, out_channels=3, img_size=32, feature_size=4, token_size=24,
+                         num_heads=2, tokens_per_level=(40, 30, 20, 8), num_candidates=98, num_keep=24,
+                         codebook_size=64, mixer_depth=1).eval()
+    image = torch.randn(1, 40, 32, 20)  # 2 x 1 x 1 tiles of 32^3 after edge padding
+    label = torch.zeros(40, 32, 20, dtype=torch.long)
+    label[10:30, 8:24, 4:16] = 1
+    tm = token_map(model, image, [32, 32, 32], label)
+    assert tm.cells.shape == (40, 32, 20) and tm.tiles == 2 and sum(tm.kept_per_level) == 24
+    assert set(np.unique(tm.cells)) <= {0, 1, 2, 3, 4} and (tm.cells > 0).any()
+    assert set(tm.report) == {"touches", "touches_chance", "share", "share_chance"}
+    assert all(0.0 <= v <= 1.0 for v in tm.report.values())
+    assert token_map(model, image, [32, 32, 32]).report == {}
+    with pytest.raises(ValueError, match="select_tokens"):
+        token_map(_tiny_sparse(0.5), image, [16, 16, 16])
 
 
 def _write_log(run: Path, rows: list[list], dice: bool) -> None:

@@ -7,6 +7,9 @@
   region, e.g. ``"whole tumor": [1, 2, 3]``), ``file_ending``, ``numTraining``; cases are found on disk as
   ``imagesTr/CASE_0000{file_ending}`` ... and ``labelsTr/CASE{file_ending}``; ``imagesTs`` for test cases.
 
+Images and labels may be NIfTI, NRRD or MetaImage files (``file_ending`` ``.nii.gz``, ``.nrrd``, ``.mha``, ...);
+an MSD image may also be a folder holding one DICOM series (:mod:`sparseseg.data.io`).
+
 Relative paths resolve against the folder of ``dataset.json``. Problems raise
 :class:`~sparseseg.errors.InputError` naming the file.
 """
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparseseg.data.io import strip_nifti_ending
+from sparseseg.data.formats import FILE_ENDINGS, case_name, file_format
 from sparseseg.errors import InputError
 
 # MSD Task01 (BrainTumour) labels: 1 = edema, 2 = non-enhancing tumour, 3 = enhancing tumour.
@@ -119,7 +122,7 @@ def _msd_case(root: Path, entry: Any, path: Path, need_label: bool) -> Case:
     label = _resolve(root, entry["label"], path) if entry.get("label") is not None else None
     if need_label and label is None:
         raise InputError(f"training case {raw[0]} has no 'label'", path)
-    name = strip_nifti_ending(images[0].name)
+    name = case_name(images[0])
     return Case(name=name, images=images, label=label)
 
 
@@ -167,6 +170,9 @@ def _nnunet_cases(folder: Path, ending: str, num_channels: int, labels_folder: P
 def _load_nnunet(root: Path, data: dict[str, Any], path: Path) -> Dataset:
     channels = _channel_list(data["channel_names"], "channel_names", path)
     ending = str(data.get("file_ending", ".nii.gz"))
+    if file_format(f"x{ending}") is None:
+        raise InputError(f"file_ending {ending!r} is not an image format sparseseg reads ({', '.join(FILE_ENDINGS)})",
+                         path)
     labels: dict[int, str] = {}
     regions: dict[str, list[int]] = {}
     raw_labels = data.get("labels")
@@ -222,7 +228,7 @@ def load_dataset(path: str | Path, check_files: bool = True, require_training: b
     if check_files:
         for case in ds.training + ds.validation + ds.test:
             for f in case.images + ([case.label] if case.label is not None else []):
-                if not f.is_file():
+                if not (f.is_file() or (f.is_dir() and f in case.images)):  # an image may be a DICOM series folder
                     raise InputError(f"file of case {case.name!r} listed in {path.name} not found", f)
     return ds
 

@@ -1,38 +1,58 @@
-"""NIfTI input and output with the geometry kept (affine, spacing, orientation), and atomic writes.
+"""Images in and predictions out with the geometry kept, and atomic writes.
 
-Images are returned channel-first, ``[C, D, H, W]`` in the voxel order of the file (no reorientation here: the
-preprocessing does that and undoes it). A multi-channel case is either one 4-D NIfTI ``[X, Y, Z, C]`` (MSD) or
-one 3-D file per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...). Every problem with a file raises
-:class:`~sparseseg.errors.InputError` naming it.
+NIfTI is read by nibabel; NRRD (``.nrrd``, 3D Slicer ``.seg.nrrd`` label maps), MetaImage (``.mha``, ``.mhd``) and
+DICOM series (a folder holding one series) by SimpleITK (:mod:`sparseseg.data.itk_io`). Images are returned
+channel-first, ``[C, D, H, W]`` in the voxel order of the file (no reorientation here: the preprocessing does that
+and undoes it), with their :class:`~sparseseg.data.geometry.ImageGrid`. A multi-channel case is either one 4-D
+image ``[X, Y, Z, C]`` (MSD) or one 3-D image per channel (nnU-Net ``CASE_0000``, ``CASE_0001``, ...).
+Predictions are written on the input's grid in NIfTI, NRRD, MetaImage or as a DICOM SEG
+(:func:`write_prediction`). Every problem with a file raises :class:`~sparseseg.errors.InputError` naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from sparseseg.errors import InputError
+from sparseseg.data.formats import case_name, file_format, image_format
+from sparseseg.data.geometry import ImageGrid
+from sparseseg.data.itk_io import read_dicom_header, read_dicom_series, read_itk_file, read_itk_header
+from sparseseg.errors import DISK_FULL, InputError, WriteError
 
 log = logging.getLogger(__name__)
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
+SLICER_SEGMENTATION = ".seg.nrrd"
 
 
 @dataclass
 class Volume:
-    """A channel-first array ``[C, D, H, W]`` with the affine and header of the (first) file it came from."""
+    """A channel-first array ``[C, D, H, W]`` on the grid of the (first) file or DICOM series it came from."""
 
     array: np.ndarray
-    affine: np.ndarray
-    header: nib.Nifti1Header
-    path: Path
+    grid: ImageGrid
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The RAS voxel-to-world affine (nibabel / MONAI convention)."""
+        return self.grid.affine
+
+    @property
+    def header(self) -> nib.Nifti1Header | None:
+        """The NIfTI header of a NIfTI input (its qform/sform codes are kept on output), else None."""
+        return self.grid.nifti_header
+
+    @property
+    def path(self) -> Path:
+        return self.grid.path
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -44,15 +64,12 @@ class Volume:
 
 
 def strip_nifti_ending(name: str) -> str:
-    """``"case_01.nii.gz"`` -> ``"case_01"``."""
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending):
-            return name[: -len(ending)]
-    return name
+    """``"case_01.nii.gz"`` -> ``"case_01"`` (any image ending: :func:`sparseseg.data.formats.case_name`)."""
+    return case_name(name)
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_ENDINGS)
+    return file_format(path) == "nifti"
 
 
 def _existing_nifti(path: str | Path) -> Path:
@@ -127,16 +144,48 @@ def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
                          "finite and > 0)", path)
 
 
-def read_header_shape(path: str | Path) -> tuple[int, ...]:
-    """The array shape from the header only (cheap), for up-front checks."""
-    path = _existing_nifti(path)
+def _nifti_header(path: Path) -> nib.Nifti1Image:
     try:
-        img = _load(path)
+        return _load(path)
     except InputError:
         raise
     except Exception as err:
         raise InputError(f"cannot read NIfTI header ({_one_line(err)})", path) from err
-    return tuple(int(s) for s in img.shape)
+
+
+def read_header_shape(path: str | Path) -> tuple[int, ...]:
+    """The array shape ``[X, Y, Z(, C)]`` from the header only (cheap), for up-front checks."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        return tuple(int(s) for s in _nifti_header(_existing_nifti(path)).shape)
+    if fmt == "dicom":
+        return read_dicom_header(path)
+    return read_itk_header(path, fmt)[0]
+
+
+def read_grid(path: str | Path) -> ImageGrid:
+    """The grid of an image file (from its header) or DICOM series folder (the series is read and checked)."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        img = _nifti_header(_existing_nifti(path))
+        return ImageGrid.from_affine(path, fmt, img.shape, img.affine, img.header)
+    if fmt == "dicom":
+        return read_dicom_series(path)[1]
+    return read_itk_header(path, fmt)[1]
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageGrid]:
+    """Read any supported image fully: the array as stored (``[X, Y, Z]`` or ``[X, Y, Z, C]``) and its grid."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt == "nifti":
+        data, img = read_nifti(path)
+        return data, ImageGrid.from_affine(path, fmt, data.shape, img.affine, img.header)
+    if fmt == "dicom":
+        return read_dicom_series(path)
+    return read_itk_file(path, fmt)
 
 
 # Integers above 2^24 are no longer exact in float32, and no scanner writes them: such a file is mis-typed or corrupt.
@@ -155,14 +204,14 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 
 
 def load_image(paths: Sequence[str | Path]) -> Volume:
-    """Load one case: a single 3-D/4-D file or one 3-D file per channel. Returns ``[C, D, H, W]`` float32."""
+    """Load one case: a single 3-D/4-D image or one 3-D image per channel. Returns ``[C, D, H, W]`` float32."""
     if not paths:
         raise InputError("a case has no image files")
     channels: list[np.ndarray] = []
-    first: nib.Nifti1Image | None = None
+    first: ImageGrid | None = None
     for p in paths:
         p = Path(p)
-        data, img = read_nifti(p)
+        data, grid = read_image(p)
         _check_finite(data, p)
         if data.ndim == 3:
             data = data[None]  # [X, Y, Z] -> [1, X, Y, Z]
@@ -171,29 +220,38 @@ def load_image(paths: Sequence[str | Path]) -> Volume:
         else:
             raise InputError(f"expected a 3-D or 4-D volume, got shape {data.shape}", p)
         if first is None:
-            first = img
+            first = grid
         elif data.shape[1:] != channels[0].shape[1:]:
             raise InputError(
                 f"channel shape {data.shape[1:]} differs from {channels[0].shape[1:]} of {paths[0]}", p
             )
-        elif not np.allclose(img.affine, first.affine, atol=1e-3):
+        elif not np.allclose(grid.affine, first.affine, atol=1e-3):
             log.warning("%s: affine differs from the first channel %s; using the first channel's", p, paths[0])
         channels.append(data.astype(np.float32, copy=False))
     array = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=0)
     assert first is not None
-    affine = np.asarray(first.affine, dtype=np.float64)
-    return Volume(array=array, affine=affine, header=first.header, path=Path(paths[0]))
+    return Volume(array=array, grid=first)
 
 
 def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
-               label_values: Iterable[int] | None = None) -> Volume:
-    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values."""
+               label_values: Iterable[int] | None = None, reference: ImageGrid | None = None) -> Volume:
+    """Load a label map ``[1, D, H, W]`` int64, checking shape, integrality and the allowed values.
+
+    With the image's ``reference`` grid, a 3D Slicer ``.seg.nrrd`` stored on a block of that grid (Slicer saves the
+    extent of the segments) is placed into the whole grid.
+    """
     path = Path(path)
-    data, img = read_nifti(path)
+    data, grid = read_image(path)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]  # [X, Y, Z, 1] -> [X, Y, Z]
+    slicer = path.name.lower().endswith(SLICER_SEGMENTATION)
+    if data.ndim == 4 and slicer:
+        raise InputError(f"3D Slicer segmentation with {data.shape[-1]} layers (overlapping segments); a label map "
+                         "needs one layer (in Slicer: export the segments to a label map)", path)
     if data.ndim != 3:
         raise InputError(f"a label map must be 3-D, got shape {data.shape}", path)
+    if slicer and reference is not None and tuple(data.shape) != reference.shape:
+        data, grid = _onto_grid(data, grid, reference)
     if spatial_shape is not None and tuple(data.shape) != tuple(spatial_shape):
         raise InputError(f"label shape {tuple(data.shape)} differs from image shape {tuple(spatial_shape)}", path)
     if np.issubdtype(data.dtype, np.floating):
@@ -210,33 +268,113 @@ def load_label(path: str | Path, spatial_shape: Sequence[int] | None = None,
             raise InputError(
                 f"label value(s) {unexpected.tolist()} not in the dataset labels {allowed.tolist()}", path
             )
-    return Volume(array=labels[None], affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
+    return Volume(array=labels[None], grid=grid)
 
 
-def atomic_write(path: str | Path, write) -> Path:
+def _onto_grid(block: np.ndarray, grid: ImageGrid, reference: ImageGrid) -> tuple[np.ndarray, ImageGrid]:
+    """``block`` ``[x, y, z]`` placed into zeros on ``reference`` ``[X, Y, Z]`` when its voxels are voxels of the
+    reference (same axes and spacing, a whole-voxel offset, inside); else returned unchanged."""
+    to_reference = np.linalg.inv(reference.affine) @ grid.affine  # block voxel -> reference voxel
+    offset = to_reference[:3, 3]
+    start = np.rint(offset).astype(int)
+    end = start + np.asarray(block.shape)
+    if (not np.allclose(to_reference[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(offset, start, atol=1e-3)
+            or (start < 0).any() or (end > np.asarray(reference.shape)).any()):
+        return block, grid
+    whole = np.zeros(reference.shape, dtype=block.dtype)
+    whole[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = block
+    return whole, replace(reference, path=grid.path, format=grid.format, nifti_header=None, files=())
+
+
+def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A process killed at any moment leaves either the previous ``path`` or the new one, never a partial file (at
     worst a hidden ``.NAME.<random>`` temporary, see :func:`remove_stale_temporaries`). A folder that cannot be
-    written raises :class:`InputError` naming ``path``.
+    created raises :class:`InputError` naming ``path``. A full disk, a read-only file system or a refused
+    permission, while creating the temporary or writing it, raises :class:`~sparseseg.errors.WriteError` naming
+    ``path`` (with the bytes it needed, ``size`` when the caller knows it, and the bytes free), after the
+    temporary is removed: the previous ``path`` is intact. So does a write that leaves the disk without a free
+    block: some writers ignore a full disk (ITK's NRRD and MetaImage writers leave an empty or cut file and raise
+    nothing), so such a file is not trusted.
     """
     path = Path(path)
+    previous = path.exists()
     suffix = "".join(path.suffixes) or ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:
+        if err.errno in WRITE_FAULTS:
+            raise _write_error(path, err.errno, size, previous) from err
         raise InputError(f"cannot write here ({_one_line(err)})", path) from err
     os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if _no_free_block(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        code = _write_fault(err, path.parent, size)
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError as unlink_err:
+            log.warning("%s: could not remove the temporary (%s)", tmp, _one_line(unlink_err))
+        if code is not None:
+            raise _write_error(path, code, size, previous) from err
         raise
     return path
+
+
+# Errors of the file system, not of the data: a full disk or quota, a file too large, a read-only mount, a refused
+# permission, a failing device.
+WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EIO})
+# Writers in C++ that lose the errno of a full disk raise their own error instead (torch.save to a file name:
+# "[enforce fail at inline_container.cc] . unexpected pos ..."; ITK: "Write: Error writing ..."): a RuntimeError
+# while the disk has less than this left (or less than the file needed) is taken for a full disk.
+NEARLY_FULL = 1 << 20
+
+
+def _write_fault(err: BaseException, folder: Path, size: int | None) -> int | None:
+    """The errno of the file-system fault behind ``err`` (its own, or one it was raised from), else None."""
+    seen: list[BaseException] = []
+    while err is not None and len(seen) < 16:
+        seen.append(err)
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    if isinstance(seen[0], RuntimeError):  # what C++ writers raise
+        free = _free_bytes(folder)  # the partial temporary still fills the disk here
+        if free is not None and free < max(size or 0, NEARLY_FULL):
+            return errno.ENOSPC
+    return None
+
+
+def _no_free_block(folder: Path) -> bool:
+    """The file system of ``folder`` has no block left for this process (root may use the blocks reserved for it)."""
+    if not hasattr(os, "statvfs"):  # Windows
+        return False
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_error(path: Path, code: int, size: int | None, previous: bool) -> WriteError:
+    disk_full = code in DISK_FULL
+    return WriteError(path, code, os.strerror(code).lower(), needed=size if disk_full else None,
+                      free=_free_bytes(path.parent) if disk_full else None, previous_kept=previous)
 
 
 def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:

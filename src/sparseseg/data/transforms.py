@@ -9,8 +9,8 @@ from the checkpoint alone. Pipeline, in order (spatial steps are invertible, see
    each channel over its non-zero voxels; ``none`` leaves values alone;
 4. labels: class indices ``[1, D, H, W]``, or multi-hot regions ``[R, D, H, W]`` (e.g. BraTS TC/WT/ET);
 5. optional crop to the non-zero foreground of the image;
-6. training only: pad to the ROI, random ROI crops centred on foreground/background with probability 1:1, random
-   flips, rot90, intensity scale and shift (the UNETR recipe).
+6. training only: pad to the ROI, ``num_samples`` random ROI crops per case centred on foreground/background with
+   probability 1:1, random flips, rot90, intensity scale and shift (the UNETR recipe).
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ class DataConfig:
     def sigmoid(self) -> bool:
         return bool(self.regions)
 
+    @property
+    def segments(self) -> dict[str, list[int]]:
+        """Each output's name -> the label values it covers: the regions, or one class per foreground value."""
+        if self.regions:
+            return {name: list(r) for name, r in zip(self.class_names, self.regions, strict=True)}
+        return {name: [v] for v, name in zip(self.label_values, self.class_names, strict=False) if v != 0}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -111,7 +118,7 @@ class LoadCased(MapTransform):
         affine = torch.as_tensor(vol.affine, dtype=torch.float64)
         d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array)), affine=affine, meta=meta)
         if d.get("label") is not None:
-            lab = load_label(d["label"], vol.spatial_shape, self.label_values)
+            lab = load_label(d["label"], vol.spatial_shape, self.label_values, reference=vol.grid)
             d["label"] = MetaTensor(torch.from_numpy(lab.array), affine=affine.clone(),
                                     meta={"filename_or_obj": str(lab.path)})
         return d
@@ -155,12 +162,12 @@ def _intensity(cfg: DataConfig) -> list:
     return []
 
 
-def _augment(cfg: DataConfig) -> list:
+def _augment(cfg: DataConfig, num_samples: int = 1) -> list:
     roi = list(cfg.roi_size)
     ts: list = [
         SpatialPadd(keys=["image", "label"], spatial_size=roi),
         RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=1, neg=1,
-                               num_samples=1, allow_smaller=True),
+                               num_samples=num_samples, allow_smaller=True),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=0),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=1),
         RandFlipd(keys=["image", "label"], prob=0.1, spatial_axis=2),
@@ -174,10 +181,11 @@ def _augment(cfg: DataConfig) -> list:
     return ts
 
 
-def build_transforms(cfg: DataConfig, mode: str = "train") -> Compose:
+def build_transforms(cfg: DataConfig, mode: str = "train", num_samples: int = 1) -> Compose:
     """The MONAI pipeline for ``mode`` in ``{"train", "val", "infer"}`` (``infer``: image only).
 
-    Input dicts hold ``"image"`` (a list of paths) and, for train/val, ``"label"`` (a path).
+    Input dicts hold ``"image"`` (a list of paths) and, for train/val, ``"label"`` (a path). In training each case
+    gives a list of ``num_samples`` random crops, which MONAI's ``DataLoader`` flattens into the batch.
     """
     if mode not in ("train", "val", "infer"):
         raise ValueError(f"mode must be train, val or infer, got {mode!r}")
@@ -191,7 +199,7 @@ def build_transforms(cfg: DataConfig, mode: str = "train") -> Compose:
     if cfg.crop_foreground:
         ts.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
     if mode == "train":
-        ts += _augment(cfg)
+        ts += _augment(cfg, num_samples)
     ts.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
     return Compose(ts)
 

@@ -16,8 +16,13 @@ from sparseseg.data.io import atomic_write
 from sparseseg.demo.data import AP_AXIS, CLASS_NAMES, TEST_CASE
 
 log = logging.getLogger(__name__)
+ZEROED, NO_SKIPS = "tokenseg_zeroed", "tokenseg_no_skips"
+# TokenSeg's ablations at inference (constructor arguments that change no weight): what the token path carries, and
+# what the encoder's skips carry
+ABLATIONS = {ZEROED: {"zero_tokens": True}, NO_SKIPS: {"skips": "none"}}
 LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "veloxseg": "VeloxSeg",
-          "tokenseg": "TokenSeg", "threshold": "intensity threshold"}
+          "tokenseg": "TokenSeg", ZEROED: "TokenSeg, tokens zeroed", NO_SKIPS: "TokenSeg, skips removed",
+          "threshold": "intensity threshold"}
 
 
 def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -67,8 +72,9 @@ def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, levels
 def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padded: Path, pad: int, s
                   ) -> dict[str, Any]:
     """``overlay.png`` (coronal slices of the test block: image, reference, both models), ``policy.png`` (the
-    token-pruning model's pruning depths over the padded test block; only when ``stp_mta_unetr`` is in the run)
-    and ``curves.png`` (both training logs)."""
+    token-pruning model's pruning depths over the padded test block; only when ``stp_mta_unetr`` is in the run),
+    ``tokens.png`` (TokenSeg's kept cells and their boundary fraction; only with ``tokenseg``) and ``curves.png``
+    (both training logs)."""
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.visualize.plots import pick_slices, plot_curves, plot_overlay, plot_policy
     from sparseseg.visualize.policy import model_patch_size, policy_levels, policy_map
@@ -86,14 +92,16 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
                                          title="held-out anterior block, axial slices (cut face at the bottom)")
     pics["curves"] = plot_curves([out / "runs" / n for n in checkpoints], out / "curves.png",
                                  labels=[LABELS[n] for n in checkpoints])
+    pimg = _load(padded).astype(np.float32)
+    plabel = np.pad(label, [(0, 0), (pad, 0), (0, 0)], mode="edge")  # on the padded grid (label of the copies)
+    if "tokenseg" in checkpoints:
+        pics.update(token_pictures(checkpoints["tokenseg"], pimg, plabel, out, [pad + i for i in slices], pad, s))
     if "stp_mta_unetr" not in checkpoints:
         return pics
     ckpt = load_checkpoint(checkpoints["stp_mta_unetr"])
     model = model_from_checkpoint(ckpt).eval()
-    pimg = _load(padded).astype(np.float32)
     depth = policy_map(model, torch.from_numpy(pimg)[None], [s.roi] * 3)
     p, levels = model_patch_size(model), policy_levels(model)
-    plabel = np.pad(label, [(0, 0), (pad, 0), (0, 0)], mode="edge")  # on the padded grid (label of the copies)
     pics["policy"] = plot_policy(pimg, depth, p, plabel, output=out / "policy.png", num_layers=model.num_layers,
                                  depths=levels, class_names=CLASS_NAMES, slices=[pad + i for i in slices],
                                  axis=AP_AXIS, title=f"STP + MTA + UNETR, test block with {pad} replicated slices "
@@ -103,6 +111,25 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
                                        title=f"axial slices; the bottom {pad} rows replicate the cut face")
     pics["policy_stats"] = policy_summary(depth, plabel, p, levels)
     return pics
+
+
+def token_pictures(checkpoint: Path, pimg: np.ndarray, plabel: np.ndarray, out: Path, slices: list[int], pad: int, s
+                   ) -> dict[str, Any]:
+    """TokenSeg's kept cells over the padded test block (``tokens.png``) and, in ``token_stats``, their boundary
+    fraction against the reference (radius 2, both measures, beside chance), tokens kept per level and tile, and
+    the share of live codebook codes."""
+    from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from sparseseg.visualize.plots import plot_overlay
+    from sparseseg.visualize.tokens import cell_levels_legend, token_map
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
+    tm = token_map(model, torch.from_numpy(pimg)[None], [s.roi] * 3, torch.from_numpy(plabel))
+    picture = plot_overlay(pimg, None, {"kept cells": tm.cells}, output=out / "tokens.png",
+                           class_names=cell_levels_legend(model.strides), slices=slices, axis=AP_AXIS,
+                           title=f"TokenSeg's kept cells (finest level)\ncoronal slice = block slice + {pad}")
+    stats = {**tm.report, "tiles": tm.tiles, "kept_per_level": tm.kept_per_level,
+             "codebook_usage": model.vq.codebook_usage()}
+    return {"tokens": picture, "token_stats": stats}
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -172,6 +199,7 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
         "![overlay, axial](overlay_axial.png)",
         "",
         *_policy_lines(pictures),
+        *_token_lines(pictures, metrics),
         "![training curves](curves.png)",
         "",
         "## Benchmark (one ROI crop, `sparseseg.benchmark.run`)",
@@ -187,8 +215,9 @@ def write_report(out: Path, metrics: dict[str, dict[str, Any]], seconds: dict[st
 def _compared_line(s) -> str:
     """The settings of the model set beside unetr, for the report's setup list."""
     if s.model == "stp_mta_unetr":
+        where = "after" if s.sparse_args.get("pruned_mask") == "after_norm" else "before (as the authors)"
         return (f"sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
-                f"{s.sparse_args['prune_after']}.")
+                f"{s.sparse_args['prune_after']}, pruned tokens masked by 1 - M {where} their MTA group norm.")
     own = s.args_of(s.model)
     return f"{LABELS[s.model]}: " + (", ".join(f"{k} {v}" for k, v in own.items()) or "default arguments") + "."
 
@@ -213,6 +242,34 @@ def _policy_lines(pictures: dict[str, Any]) -> list[str]:
         "![policy, axial](policy_axial.png)",
         "",
     ]
+
+
+def _token_lines(pictures: dict[str, Any], metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """TokenSeg's kept cells, their boundary fraction beside chance, and the zeroed-token ablation."""
+    ts = pictures.get("token_stats")
+    if ts is None:
+        return []
+    lines = [
+        f"Cells of TokenSeg's kept tokens over the padded test block ({ts['tiles']} ROI tiles, "
+        f"{'/'.join(map(str, ts['kept_per_level']))} tokens kept per tile from the finest to the coarsest level; "
+        f"{ts['codebook_usage']:.0%} of the codebook alive). Boundary fraction against the reference at radius 2: "
+        f"**{_fmt(ts.get('touches'))}** of the kept cells touch the band (chance, random cells in the same number "
+        f"per level: {_fmt(ts.get('touches_chance'))}); on average **{_fmt(ts.get('share'))}** of a kept cell lies "
+        f"inside the band (chance: the band's share of the volume, {_fmt(ts.get('share_chance'))}).",
+        "",
+    ]
+    full = metrics.get("tokenseg", {}).get("mean", {}).get("dice")
+    if ZEROED in metrics and full is not None:
+        zero = metrics[ZEROED]["mean"]["dice"]
+        lines += [f"Tokens zeroed at inference (the decoder gets zeros for the kept tokens; their cells still choose "
+                  f"where it refines and where the skips enter): mean Dice {_fmt(zero)} against {_fmt(full)}, a drop "
+                  f"of {_fmt(100 * (full - zero), 1)} points carried by the tokens' content.", ""]
+    if NO_SKIPS in metrics and full is not None:
+        bare = metrics[NO_SKIPS]["mean"]["dice"]
+        lines += [f"Skips removed at inference (the decoder gets the tokens alone): mean Dice {_fmt(bare)}, a drop "
+                  f"of {_fmt(100 * (full - bare), 1)} points carried by the encoder's detail inside the kept cells.",
+                  ""]
+    return [*lines, "![kept token cells](tokens.png)", ""]
 
 
 def _speed_note(records: list[dict[str, Any]]) -> str:

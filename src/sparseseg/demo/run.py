@@ -13,8 +13,10 @@ Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :fun
 4. score both and a per-voxel intensity threshold fitted on the training case (these tissue labels are nearly
    thresholds, so it is the reference line any model must be read against);
 5. time each model's inference over the whole test block in this process, one after the other;
-6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only) and curve pictures, and
-   write ``OUTPUT/report.md``.
+6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only), kept-token (TokenSeg
+   only) and curve pictures, and write ``OUTPUT/report.md``. With TokenSeg the test block is also predicted with
+   its tokens zeroed and with its skips removed (the ablation rows of the table), and its kept cells are scored
+   against the boundary band.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from sparseseg.data.io import atomic_write, save_nifti
 from sparseseg.demo.data import AP_AXIS, TEST_CASE, TRAIN_CASE, build_dataset, replicate_pad
 from sparseseg.errors import InputError, SparsesegError
+from sparseseg.models.stp_mta.completion import PRUNED_MASKS
 
 log = logging.getLogger(__name__)
 COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
@@ -65,7 +68,7 @@ class DemoSettings:
     resolution: int  # mm per voxel of the template
     roi: int  # training crop and sliding window side
     model_args: dict[str, Any]  # shared by unetr and stp_mta_unetr
-    dense_args: dict[str, Any]  # unetr only
+    dense_args: dict[str, Any]  # unetr only (none: its decoder taps follow the depth)
     sparse_args: dict[str, Any]  # stp_mta_unetr only
     model: str = "stp_mta_unetr"  # the model set beside unetr
     other_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # veloxseg / tokenseg arguments
@@ -90,14 +93,22 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
-                  model: str = "stp_mta_unetr", lr: float = 3e-3) -> DemoSettings:
+                  model: str = "stp_mta_unetr", lr: float = 3e-3, pruned_mask: str = "before_norm",
+                  model_args: dict[str, Any] | None = None) -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
     quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr;
-    ``lr`` is the peak learning rate of both."""
+    ``lr`` is the peak learning rate of both; ``pruned_mask`` is stp_mta_unetr's (docs/models.md); ``model_args``
+    override constructor arguments of ``model``.
+
+    The dense decoder taps are unetr's default, spread over the depth like the authors' 4/7/10 of 12 blocks:
+    blocks 2/4/5 of 6 (quick: 1/2/3 of 3); the pruning stages sit after blocks 2/4/5 (quick 1/2), the paper's
+    3/6/9 of 12 scaled to 6 blocks."""
     if model not in COMPARED:
         raise InputError(f"--model must be one of {', '.join(COMPARED)}, got {model!r}")
     if not lr > 0:
         raise InputError(f"--lr must be > 0, got {lr}")
+    if pruned_mask not in PRUNED_MASKS:
+        raise InputError(f"--pruned-mask must be one of {', '.join(PRUNED_MASKS)}, got {pruned_mask!r}")
     train = {"batch_size": 2, "lr": lr, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
     if quick:
@@ -105,9 +116,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             resolution=4, roi=32,
             model_args={"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 3, "num_heads": 3,
                         "feature_size": 8, "decoder": "v2"},
-            dense_args={"skip_layers": [1, 2, 3]},
+            dense_args={},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [1, 2], "completion_size": 48,
-                         "completion_heads": 3},
+                         "completion_heads": 3, "pruned_mask": pruned_mask},
             train={**train, "epochs": 1, "iters_per_epoch": 3},
             timing_repeats=1, benchmark_repeats=1, benchmark_memory=False, warmup=False)
     else:
@@ -115,9 +126,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             resolution=2, roi=48,
             model_args={"patch_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_layers": 6, "num_heads": 6,
                         "feature_size": 16, "decoder": "v2"},
-            dense_args={"skip_layers": [2, 4, 5]},
+            dense_args={},
             sparse_args={"prune_ratio": prune_ratio, "prune_after": [2, 4, 5], "completion_size": 192,
-                         "completion_heads": 6},
+                         "completion_heads": 6, "pruned_mask": pruned_mask},
             train={**train, "epochs": 100_000, "iters_per_epoch": 20})
         minutes = 6.0 if minutes is None else minutes
     if minutes is not None:
@@ -128,7 +139,9 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
             s.train.update(epochs=100_000, iters_per_epoch=3)
     s.train["roi_size"] = [s.roi] * 3
     s.model = model
-    s.other_args = OTHER_ARGS["quick" if quick else "full"]
+    s.other_args = {name: dict(args) for name, args in OTHER_ARGS["quick" if quick else "full"].items()}
+    if model_args:
+        (s.sparse_args if model == "stp_mta_unetr" else s.other_args[model]).update(model_args)
     return s
 
 
@@ -242,6 +255,24 @@ def predict_test_block(checkpoints: dict[str, Path], data_root: Path, out: Path,
     return written, padded, pad
 
 
+def predict_ablations(checkpoint: Path, data_root: Path, out: Path, roi: int, device: str) -> dict[str, Path]:
+    """TokenSeg's ablations (:data:`sparseseg.demo.report.ABLATIONS`): the checkpoint rebuilt with the tokens zeroed
+    (``zero_tokens=True``) and with the encoder's skips removed (``skips="none"``; only when it had skips), each
+    predicted like the others into ``OUT/predictions/NAME``."""
+    from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from sparseseg.demo.report import ABLATIONS
+
+    ckpt = load_checkpoint(checkpoint)
+    rebuilt = {}
+    for name, change in ABLATIONS.items():
+        model = model_from_checkpoint(ckpt, checkpoint)
+        if all(getattr(model.decoder if k == "skips" else model, k) == v for k, v in change.items()):
+            continue  # trained that way: nothing to ablate
+        model.model_args.update(change)
+        rebuilt[name] = save_checkpoint(out / "work" / f"{name}.pt", model, ckpt["data"])
+    return predict_test_block(rebuilt, data_root, out, roi, device)[0]
+
+
 def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repeats: int, warmup: bool = True
                    ) -> dict[str, float]:
     """Median seconds of sliding-window inference (overlap 0.5, Gaussian blending, 4 windows per call) over the
@@ -288,7 +319,7 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
              device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr",
-             lr: float = 3e-3) -> Path:
+             lr: float = 3e-3, pruned_mask: str = "before_norm", model_args: dict[str, Any] | None = None) -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo.report import make_pictures, run_benchmark, score, write_report
 
@@ -302,13 +333,15 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr, pruned_mask, model_args)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()
     checkpoints = train_concurrently(data, out, s)
     train_seconds = time.perf_counter() - t_train
     preds, padded, pad = predict_test_block(checkpoints, data.parent, out, s.roi, device)
+    if s.model == "tokenseg":
+        preds.update(predict_ablations(checkpoints["tokenseg"], data.parent, out, s.roi, device))
     preds["threshold"], thresholds = threshold_baseline(data.parent, out)
     metrics = score(preds, data, out)
     seconds = time_inference(checkpoints, padded, device, s.timing_repeats, s.warmup)

@@ -28,7 +28,8 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from sparseseg.data.datasets import load_dataset
-from sparseseg.data.io import atomic_write, is_nifti, load_label, strip_nifti_ending
+from sparseseg.data.formats import case_name, is_image_file
+from sparseseg.data.io import atomic_write, load_label, read_grid
 from sparseseg.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,15 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
 def _label_files(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"{what} folder not found", folder)
-    files = {strip_nifti_ending(f.name): f for f in sorted(folder.iterdir()) if f.is_file() and is_nifti(f)}
-    return {k: v for k, v in files.items() if not k.endswith("_probabilities")}
+    files: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        name = case_name(f)
+        if not (f.is_file() and is_image_file(f)) or name.endswith("_probabilities"):
+            continue
+        if name in files:
+            raise InputError(f"case {name!r} appears twice (also {files[name].name})", f)
+        files[name] = f
+    return files
 
 
 def _classes(dataset: str | Path | None, label_mode: str) -> tuple[dict[str, list[int]] | None, list[int] | None]:
@@ -77,6 +85,9 @@ def evaluate(pred_dir: str | Path, label_dir: str | Path, output: str | Path | N
              dataset: str | Path | None = None, label_mode: str = "auto") -> dict[str, Any]:
     """Score every prediction ``pred_dir/CASE.nii.gz`` against ``label_dir/CASE.nii.gz``.
 
+    Label maps may be NIfTI, NRRD (``.nrrd``, ``.seg.nrrd``) or MetaImage (``.mha``, ``.mhd``), in any mix: a
+    prediction and its reference are paired by case name and compared on their RAS geometry.
+
     Args:
         pred_dir: folder of predicted label maps (``*_probabilities`` files are skipped).
         label_dir: folder of reference label maps; every prediction needs one.
@@ -94,14 +105,14 @@ def evaluate(pred_dir: str | Path, label_dir: str | Path, output: str | Path | N
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     preds, refs = _label_files(pred_dir, "prediction"), _label_files(label_dir, "label")
     if not preds:
-        raise InputError("no NIfTI predictions found", pred_dir)
+        raise InputError("no predicted label maps found (.nii.gz, .nii, .seg.nrrd, .nrrd, .nhdr, .mha, .mhd)", pred_dir)
     if output is not None and Path(output).resolve() in {p.resolve() for p in [*preds.values(), *refs.values()]}:
         raise InputError("output would overwrite an input file", output)
     classes, allowed = _classes(dataset, label_mode)
     cases = []
     for name, pred_path in preds.items():
         if name not in refs:
-            raise InputError(f"no reference {name}.nii.gz in {label_dir}", pred_path)
+            raise InputError(f"no reference label map {name} in {label_dir}", pred_path)
         cases.append(_score_case(name, pred_path, refs[name], classes, allowed))
     names = list(classes) if classes is not None else sorted({c for case in cases for c in case["metrics"]}, key=int)
     for case in cases:  # classes absent from a case (no dataset given) are both empty there
@@ -123,7 +134,7 @@ def _is_regions(classes: dict[str, list[int]]) -> bool:
 
 def _score_case(name: str, pred_path: Path, ref_path: Path, classes: dict[str, list[int]] | None,
                 allowed: list[int] | None) -> dict[str, Any]:
-    ref = load_label(ref_path, label_values=allowed)
+    ref = load_label(ref_path, label_values=allowed, reference=read_grid(pred_path))  # Slicer blocks placed
     pred = load_label(pred_path, spatial_shape=ref.spatial_shape, label_values=allowed)
     if not np.allclose(pred.affine, ref.affine, atol=1e-3, rtol=1e-4):
         raise InputError(f"prediction grid (affine) differs from the reference {ref_path}", pred_path)

@@ -87,9 +87,17 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", pru
             atomic_write(output, lambda tmp: _write_onnx(graph, example, tmp, opset))
         else:
             traced = torch.jit.trace(graph, example, check_trace=False)
-            atomic_write(output, lambda tmp: torch.jit.save(traced, str(tmp)))
+            atomic_write(output, lambda tmp: _write_torchscript(traced, tmp))
     log.info("exported %s as %s to %s", getattr(graph.model, "model_name", "model"), format, output)
     return output
+
+
+def _write_torchscript(traced: torch.jit.ScriptModule, path: Path) -> None:
+    # Through a Python file object: given a file name, torch.jit.save aborts the process on a full disk
+    # ("terminate called after throwing an instance of 'c10::Error' ... unexpected pos"); a file object's write
+    # raises OSError(ENOSPC), which atomic_write reports in one line.
+    with open(path, "wb") as f:
+        torch.jit.save(traced, f)
 
 
 def _write_onnx(graph: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

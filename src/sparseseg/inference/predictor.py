@@ -3,8 +3,8 @@
 The model (registered name + arguments) and the preprocessing (:class:`~sparseseg.data.transforms.DataConfig`)
 are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding window (Gaussian
 blending), its probabilities are mapped back onto the input's exact grid (shape and affine) by inverting the
-spatial preprocessing, and one ``CASE.nii.gz`` is written per case (nnU-Net naming: ``CASE_0000.nii.gz``,
-``CASE_0001.nii.gz`` -> ``CASE``).
+spatial preprocessing, and one label map is written per case in the input's format (nnU-Net naming:
+``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` -> ``CASE.nii.gz``; see :mod:`sparseseg.data.outputs`).
 
 Examples:
     >>> predict("runs/spleen/best.pt", "Task09_Spleen/imagesTs", "preds/")  # doctest: +SKIP
@@ -13,11 +13,9 @@ Examples:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -25,7 +23,9 @@ from tqdm import tqdm
 
 from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
 from sparseseg.config import resolve_device
-from sparseseg.data.io import check_writable, is_nifti, read_header_shape, save_nifti, strip_nifti_ending
+from sparseseg.data.cases import check_output_format, collect_cases
+from sparseseg.data.io import check_writable, read_grid
+from sparseseg.data.outputs import write_prediction
 from sparseseg.data.transforms import (
     DataConfig,
     build_transforms,
@@ -38,7 +38,6 @@ from sparseseg.inference.cuda_graphs import GraphedForward
 from sparseseg.inference.sliding_window import Network, sliding_window_logits
 
 log = logging.getLogger(__name__)
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | None = None) -> None:
@@ -53,63 +52,6 @@ def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | N
     else:
         raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no pruning ratio",
                          source)
-
-
-def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int,
-                  failures: list[InputError] | None = None) -> dict[str, list[Path]]:
-    """Group input NIfTI files (files and/or folders) into cases ``{name: [channel files]}``.
-
-    ``CASE_0000.nii.gz ... CASE_{C-1:04d}.nii.gz`` form one case ``CASE``; any other file is one case (a 4-D file
-    holds all channels). The channel count of every case is checked against ``in_channels`` from the headers.
-    With a ``failures`` list, a case whose header is unreadable or wrong is appended there and left out instead
-    of raising (problems of the inputs as a whole, such as a missing folder, still raise).
-    """
-    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f))
-            if not found:
-                raise InputError("folder holds no .nii/.nii.gz files", p)
-            files += found
-        elif p.is_file():
-            if not is_nifti(p):
-                raise InputError("not a NIfTI file (expected .nii or .nii.gz)", p)
-            files.append(p)
-        else:
-            raise InputError("input not found", p)
-    grouped: dict[str, dict[int, Path]] = {}
-    for f in files:
-        stem = strip_nifti_ending(f.name)
-        m = _CHANNEL_SUFFIX.match(stem)
-        name, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
-        if channel in grouped.setdefault(name, {}):
-            raise InputError(f"case {name!r} appears twice (also {grouped[name][channel]})", f)
-        grouped[name][channel] = f
-    cases = {}
-    for name, chans in list(grouped.items()):
-        paths = [chans[c] for c in sorted(chans)]
-        if len(paths) == 1 and 0 not in chans:  # e.g. scan_2019.nii.gz: a date, not a channel index
-            name = strip_nifti_ending(paths[0].name)
-        elif sorted(chans) != list(range(len(chans))):
-            raise InputError(f"case {name!r}: channel files must be numbered _0000, _0001, ...", paths[0])
-        try:
-            _check_channels(name, paths, in_channels)
-        except InputError as err:
-            if failures is None:
-                raise
-            failures.append(err)
-            continue
-        cases[name] = paths
-    return cases
-
-
-def _check_channels(name: str, paths: list[Path], in_channels: int) -> None:
-    shapes = [read_header_shape(p) for p in paths]
-    count = sum(s[3] if len(s) == 4 else 1 for s in shapes)
-    if count != in_channels:
-        raise InputError(f"case {name!r} has {count} channel(s), the checkpoint expects {in_channels}", paths[0])
 
 
 def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
@@ -163,22 +105,28 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False) -> list[Path]:
-    """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
+            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
+            output_format: str | None = None) -> list[Path]:
+    """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
+    input's format).
 
     Args:
         checkpoint: a ``best.pt``/``last.pt`` written by :func:`sparseseg.training.train`.
-        inputs: NIfTI files and/or folders of them; channel files ``CASE_0000``, ... form one case.
+        inputs: image files (NIfTI, NRRD, MetaImage), DICOM series folders, and/or folders of them; channel
+            images ``CASE_0000``, ... form one case.
         output_dir: folder for the label maps (created); must not equal or contain an input.
         prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
         overlap: sliding-window overlap in [0, 1).
         sw_batch_size: windows per forward pass.
         device: where the model and its windows run (MONAI's ``sw_device``): ``auto``, ``cpu``, ``cuda``, ...
-        save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32).
+        save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32; ``.nrrd`` /
+            ``.mha`` in those formats).
         stitch_device: where each whole volume is stitched (MONAI's ``device``): ``auto`` (``device``, or the
             CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
         cuda_graphs: on a CUDA ``device``, run the windows as replays of CUDA graphs captured per window-batch
             shape (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); no effect on the CPU.
+        output_format: ``nifti``, ``nrrd`` (``CASE.seg.nrrd``), ``mha`` or ``dicom-seg`` (``CASE.dcm``, DICOM series
+            inputs only); None writes each case in its input's format (NIfTI for a DICOM series).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -198,6 +146,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     cases = collect_cases(inputs, data_cfg.in_channels, failures)
     if not cases:
         raise _failure_report(failures, 0)
+    check_output_format(cases, output_format)
     output_dir = Path(output_dir)
     _check_output(output_dir, inputs, cases)
     check_writable(output_dir)
@@ -214,7 +163,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
         try:
             written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                     sw_batch_size, save_probabilities, stitch_device)
+                                     sw_batch_size, save_probabilities, stitch_device, output_format)
         except InputError as err:  # a broken file: go on with the other cases, report it at the end
             log.debug("skipping case %s: %s", name, err)
             failures.append(err)
@@ -225,20 +174,15 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
 
 def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
                   output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
-                  stitch_device: str) -> list[Path]:
-    """Segment one case and write ``CASE.nii.gz`` (and its probabilities); returns ``[label file]``."""
+                  stitch_device: str, output_format: str | None = None) -> list[Path]:
+    """Segment one case and write its label map (and its probabilities); returns ``[label file]``."""
     probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
-    ref = nib.load(str(paths[0]))
-    expected = tuple(ref.shape[:3])
-    if tuple(probs.shape[1:]) != expected:
-        raise RuntimeError(f"prediction grid {tuple(probs.shape[1:])} differs from the input grid {expected}")
     if data_cfg.regions:
         labels = regions_to_labels(probs > 0.5, data_cfg.regions)
     else:
         labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
-    out = save_nifti(labels.numpy(), output_dir / f"{name}.nii.gz", ref.affine, ref.header, np.uint8)
-    if save_probabilities:
-        arr = probs.permute(1, 2, 3, 0).numpy()  # [K, X, Y, Z] -> [X, Y, Z, K]
-        save_nifti(arr, output_dir / f"{name}_probabilities.nii.gz", ref.affine, ref.header, np.float32)
+    probabilities = probs.permute(1, 2, 3, 0).numpy() if save_probabilities else None  # [K, X, Y, Z] -> [X, Y, Z, K]
+    out = write_prediction(output_dir, name, read_grid(paths[0]), labels.numpy(), probabilities, output_format,
+                           data_cfg.segments)
     log.info("%s -> %s", paths[0].name, out)
     return [out]

@@ -64,12 +64,18 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
 
 
 def any_process(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on at least one (keeps time-budget stops in step)."""
+    """True on every process when ``flag`` is true on at least one."""
+    return max_over_processes(int(flag), info, device) > 0
+
+
+def max_over_processes(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest ``value`` of all processes, on every process (keeps stops by time budget or by signal in step:
+    every process leaves the loop after the same step)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:

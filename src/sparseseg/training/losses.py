@@ -2,6 +2,7 @@
 
 * softmax classes: MONAI ``DiceCELoss`` with Dice and cross-entropy weighted 1:1;
 * sigmoid regions (BraTS TC/WT/ET): MONAI ``DiceLoss`` on sigmoid outputs;
+* both with MONAI's ``squared_pred``, ``smooth_nr`` and ``smooth_dr`` options (config fields of the same names);
 * deep supervision: each extra output (finest first) is scored against the target, nearest-resized to its size,
   with weight 1/2^i (i = 1, 2, ...) or the model's own ``deep_supervision_weights``; all weights (1 for the main
   output by default) are normalised to sum to 1;
@@ -25,16 +26,18 @@ class SegmentationLoss(nn.Module):
     Args:
         sigmoid: multi-hot region targets ``[B, R, D, H, W]`` (Dice on sigmoid) instead of class indices
             ``[B, 1, D, H, W]`` (Dice + CE on softmax).
+        squared_pred, smooth_nr, smooth_dr: MONAI's Dice options (the authors' runs: True, 0, 1e-6).
     """
 
-    def __init__(self, sigmoid: bool = False):
+    def __init__(self, sigmoid: bool = False, squared_pred: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5):
         super().__init__()
         self.sigmoid = sigmoid
+        dice = {"squared_pred": squared_pred, "smooth_nr": smooth_nr, "smooth_dr": smooth_dr}
         if sigmoid:
-            self.seg = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+            self.seg = DiceLoss(sigmoid=True, **dice)
         else:
-            self.seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0,
-                                  smooth_nr=1e-5, smooth_dr=1e-5)
+            self.seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0, **dice)
 
     def _resized_target(self, target: torch.Tensor, size: torch.Size) -> torch.Tensor:
         if target.shape[2:] == size:

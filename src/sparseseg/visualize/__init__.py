@@ -1,5 +1,5 @@
-"""Pictures: :mod:`.plots` (pruning policy, overlays, training curves) and :mod:`.policy` (a model's pruning policy
-over a whole volume)."""
+"""Pictures: :mod:`.plots` (pruning policy, overlays, training curves), :mod:`.policy` (a model's pruning policy
+over a whole volume) and :mod:`.tokens` (the cells TokenSeg keeps over a whole volume)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the per-token depths are stitched into one patch grid over the volume.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,21 @@ def policy_levels(model: nn.Module) -> list[int]:
     return sorted(set(stages) | {int(model.num_layers)})
 
 
+def roi_tiles(volume: torch.Tensor, roi_size: Sequence[int], batch_size: int = 4
+              ) -> Iterator[tuple[list[tuple[int, int, int]], torch.Tensor]]:
+    """Non-overlapping ROI tiles of ``volume`` ``[C, X, Y, Z]``, padded by edge replication to whole tiles: yields
+    ``(tile indices (i, j, k), batch [b, C, *roi])`` with up to ``batch_size`` tiles in raster order."""
+    roi = [int(r) for r in roi_size]
+    tiles = [math.ceil(s / r) for s, r in zip(volume.shape[1:], roi, strict=True)]
+    pad = [t * r - s for t, r, s in zip(tiles, roi, volume.shape[1:], strict=True)]
+    x = F.pad(volume[None].float(), (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")  # [1, C, tX, tY, tZ]
+    corners = [(i, j, k) for i in range(tiles[0]) for j in range(tiles[1]) for k in range(tiles[2])]
+    for start in range(0, len(corners), batch_size):
+        chunk = corners[start:start + batch_size]
+        yield chunk, torch.cat([x[:, :, i * roi[0]:(i + 1) * roi[0], j * roi[1]:(j + 1) * roi[1],
+                                  k * roi[2]:(k + 1) * roi[2]] for i, j, k in chunk])  # [b, C, *roi]
+
+
 @torch.inference_mode()
 def policy_map(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], batch_size: int = 4) -> np.ndarray:
     """Stitched pruning depths ``[gx, gy, gz]`` of an eval-mode model over ``image`` ``[C, X, Y, Z]``.
@@ -60,18 +75,11 @@ def policy_map(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], b
     if any(r % p for r in roi):
         raise ValueError(f"roi_size {roi} must be divisible by the patch size {p}")
     shape = image.shape[1:]
-    tiles = [math.ceil(s / r) for s, r in zip(shape, roi, strict=True)]
-    pad = [t * r - s for t, r, s in zip(tiles, roi, shape, strict=True)]
-    x = F.pad(image[None].float(), (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")  # [1, C, tX, tY, tZ]
     tg = [r // p for r in roi]  # patch grid of one tile
-    grid = np.zeros([t * g for t, g in zip(tiles, tg, strict=True)], dtype=np.int64)
-    corners = [(i, j, k) for i in range(tiles[0]) for j in range(tiles[1]) for k in range(tiles[2])]
+    grid = np.zeros([math.ceil(s / r) * g for s, r, g in zip(shape, roi, tg, strict=True)], dtype=np.int64)
     dev = next(model.parameters()).device
-    for start in range(0, len(corners), batch_size):
-        chunk = corners[start:start + batch_size]
-        batch = torch.cat([x[:, :, i * roi[0]:(i + 1) * roi[0], j * roi[1]:(j + 1) * roi[1],
-                             k * roi[2]:(k + 1) * roi[2]] for i, j, k in chunk]).to(dev)  # [b, C, *roi]
-        depth = model.pruning_policy(batch).cpu().numpy().reshape(len(chunk), *tg)  # [b, N] -> [b, *tg]
+    for chunk, batch in roi_tiles(image, roi, batch_size):
+        depth = model.pruning_policy(batch.to(dev)).cpu().numpy().reshape(len(chunk), *tg)  # [b, N] -> [b, *tg]
         for (i, j, k), d in zip(chunk, depth, strict=True):
             grid[i * tg[0]:(i + 1) * tg[0], j * tg[1]:(j + 1) * tg[1], k * tg[2]:(k + 1) * tg[2]] = d
     return grid[: math.ceil(shape[0] / p), : math.ceil(shape[1] / p), : math.ceil(shape[2] / p)]

@@ -65,17 +65,22 @@ def soft_topk(
 
     Forward: the hard top-K of ``log_scores + g`` (``g ~ Gumbel(0, 1)`` when ``noise``). Backward: the gradient of
     ``softmax((log_scores + g) / tau)``. The returned masks equal exactly 1 in the forward pass (``hard + soft -
-    soft.detach()``); multiply the kept tokens by ``keep_mask`` and the pruned ones by ``drop_mask`` (= 1 - M) so
-    gradients reach the scorer through both groups. With ``differentiable=False`` (inference) no softmax is
-    computed and the masks are plain ones.
+    soft.detach()``); multiply the kept tokens by ``keep_mask`` and the pruned ones by ``drop_mask`` (= 1 - M).
+    Whether the pruned path then carries gradient depends on what follows: a per-token LayerNorm right after the
+    product cancels it (the scale of a token does not survive its normalisation). With ``differentiable=False``
+    (inference) no softmax is computed and the masks are plain ones.
+
+    The noise, the selection and the softmax run in float32 whatever the dtype of ``log_scores`` (float16 scores
+    tie and float16 noise is coarse); the masks come back in the dtype of ``log_scores``.
     """
-    perturbed = log_scores + gumbel_like(log_scores, generator) if noise else log_scores  # [B, N]
+    scores = log_scores.float()  # [B, N]
+    perturbed = scores + gumbel_like(scores, generator) if noise else scores  # [B, N]
     keep_idx, drop_idx = split_topk(perturbed.detach(), k)
     if not differentiable:
         ones = log_scores.new_ones(keep_idx.shape)
         return TopKSelection(keep_idx, drop_idx, ones, log_scores.new_ones(drop_idx.shape))
     soft = torch.softmax(perturbed / tau, dim=1)  # [B, N]
     st = soft - soft.detach()  # zero in the forward pass, the soft gradient in the backward pass
-    keep_mask = 1.0 + st.gather(1, keep_idx)  # [B, K]   M = 1 at kept tokens
-    drop_mask = 1.0 - st.gather(1, drop_idx)  # [B, N - K]   1 - M = 1 at pruned tokens
+    keep_mask = (1.0 + st.gather(1, keep_idx)).to(log_scores.dtype)  # [B, K]   M = 1 at kept tokens
+    drop_mask = (1.0 - st.gather(1, drop_idx)).to(log_scores.dtype)  # [B, N - K]   1 - M = 1 at pruned tokens
     return TopKSelection(keep_idx, drop_idx, keep_mask, drop_mask)

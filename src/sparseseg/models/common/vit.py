@@ -2,7 +2,9 @@
 
 Conv3d patch embedding (kernel = stride = patch size), a learnable [CLS] token, a learnable position embedding over
 the ``1 + N`` tokens, pre-norm blocks (LayerNorm eps 1e-6, multi-head self-attention with qkv bias through
-``torch.nn.functional.scaled_dot_product_attention``, MLP ratio 4 with GELU) and a final LayerNorm.
+``torch.nn.functional.scaled_dot_product_attention``, MLP ratio 4 with GELU) and a final LayerNorm. Stochastic depth
+(``drop_path_rate``, MONAI's ``DropPath`` on both residual branches) rises linearly from 0 at the first block to
+``drop_path_rate`` at the last, as in timm's and the authors' ViT.
 
 Token layout everywhere: ``[B, 1 + N, C]`` with [CLS] first and the N patch tokens in raster order of the patch
 grid ``(D / p, H / p, W / p)``.
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 
 LN_EPS = 1e-6
 
@@ -114,22 +117,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``. ``[B, L, C] -> [B, L, C]``."""
+    """Pre-norm Transformer block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``.
+    ``[B, L, C] -> [B, L, C]``; ``drop_path`` is the probability of skipping a branch for a whole sample (training
+    only, the kept branches scaled by ``1 / (1 - drop_path)``)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout_rate: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, dropout_rate: float = 0.0,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias, dropout_rate)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_dim, dropout_rate)
+        self.drop_path = DropPath(drop_path)  # no parameters: the state_dict does not depend on the rate
 
     def forward(
         self, x: torch.Tensor, policy: torch.Tensor | None = None, return_cls_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the block output ``[B, L, C]`` and the [CLS] attention row ``[B, L - 1]`` (or None)."""
         a, cls_attn = self.attn(self.norm1(x), policy, return_cls_attention)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), cls_attn
+        x = x + self.drop_path(a)
+        return x + self.drop_path(self.mlp(self.norm2(x))), cls_attn
 
 
 class ViT3d(nn.Module):
@@ -142,6 +149,8 @@ class ViT3d(nn.Module):
         patch_size: cubic patch side (8 in the paper, 16 in the original UNETR).
         hidden_size, mlp_dim, num_layers, num_heads: ViT-B = 768, 3072, 12, 12.
         dropout_rate: dropout in attention and MLP (training only). qkv_bias: bias of the qkv projection.
+        drop_path_rate: stochastic depth of the last block; block ``i`` (0-based) of ``L`` gets
+            ``drop_path_rate * i / (L - 1)``, the first none (training only; 0.1 in the authors' BTCV run).
 
     Examples:
         >>> vit = ViT3d(in_channels=1, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=2,
@@ -162,10 +171,13 @@ class ViT3d(nn.Module):
         num_heads: int = 12,
         dropout_rate: float = 0.0,
         qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.grid_size = patch_grid(img_size, patch_size)
@@ -175,8 +187,9 @@ class ViT3d(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_tokens, hidden_size))
         self.pos_drop = nn.Dropout(dropout_rate)
+        rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]  # rising with depth
         self.blocks = nn.ModuleList(
-            Block(hidden_size, num_heads, mlp_dim, qkv_bias, dropout_rate) for _ in range(num_layers)
+            Block(hidden_size, num_heads, mlp_dim, qkv_bias, dropout_rate, rate) for rate in rates
         )
         self.norm = nn.LayerNorm(hidden_size, eps=LN_EPS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -4,7 +4,10 @@
   (each after its own LayerNorm) and the final kept tokens with [CLS]; each group gets its own ``Linear(hidden ->
   C)`` and its own zero-initialised learnable [BLK_i] token; every token goes back to its original position, a
   fixed 3D sin-cos position embedding is added (zero row for [CLS]); ``depth`` Transformer blocks, LayerNorm,
-  ``Linear(C -> hidden)``; [CLS] is dropped.
+  ``Linear(C -> hidden)``; [CLS] is dropped. In STP training each pruned token is multiplied by its
+  straight-through ``1 - M`` (``pruned_mask``): ``"before_norm"`` (the authors' code) multiplies before the group's
+  LayerNorm, which cancels a per-token scale, so that path gives the scorer almost no gradient (relative size
+  ~1e-6) and only the kept tokens train it; ``"after_norm"`` multiplies the normalised token, so both paths do.
 * :class:`MaskedTokenCompletion` (MIM baseline): only the final kept tokens are used, one learnable mask token fills
   every pruned position; the same position embedding, blocks, norm and projection follow.
 
@@ -20,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from sparseseg.models.common.vit import LN_EPS, Block, _init_weights
-from sparseseg.models.stp_mta.pruning import SparseEncoding, with_cls
+from sparseseg.models.stp_mta.pruning import SparseEncoding, TokenGroup, with_cls
 
 COMPLETIONS = ("mta", "mim")
+PRUNED_MASKS = ("before_norm", "after_norm")
 
 
 def sincos_pos_embed_3d(grid_size: Sequence[int], dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -43,6 +47,12 @@ def sincos_pos_embed_3d(grid_size: Sequence[int], dim: int, cls_token: bool = Tr
     if cls_token:
         emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)  # [1 + N, dim]
     return emb
+
+
+def _check_pruned_mask(value: str) -> str:
+    if value not in PRUNED_MASKS:
+        raise ValueError(f"unknown pruned_mask {value!r}; valid: {', '.join(PRUNED_MASKS)}")
+    return value
 
 
 def _put(dst: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -79,23 +89,37 @@ class _Completion(nn.Module):
 
 
 class MultiLayerTokenAssembly(_Completion):
-    """MTA over ``num_groups`` groups (pruning stages + 1): ``SparseEncoding -> [B, N, hidden]``."""
+    """MTA over ``num_groups`` groups (pruning stages + 1): ``SparseEncoding -> [B, N, hidden]``.
+
+    ``pruned_mask``: where the straight-through ``1 - M`` of a pruned group multiplies its tokens, ``"before_norm"``
+    (the authors') or ``"after_norm"`` (module docstring). Both are the identity in the forward pass."""
 
     def __init__(self, *, num_groups: int, hidden_size: int, grid_size: Sequence[int], width: int = 768,
-                 depth: int = 1, num_heads: int = 12, qkv_bias: bool = True, dropout_rate: float = 0.0):
+                 depth: int = 1, num_heads: int = 12, qkv_bias: bool = True, dropout_rate: float = 0.0,
+                 pruned_mask: str = "before_norm"):
         super().__init__(hidden_size=hidden_size, grid_size=grid_size, width=width, depth=depth,
                          num_heads=num_heads, qkv_bias=qkv_bias, dropout_rate=dropout_rate)
+        self.pruned_mask = _check_pruned_mask(pruned_mask)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_size, eps=LN_EPS) for _ in range(num_groups - 1))
         self.embeds = nn.ModuleList(nn.Linear(hidden_size, width) for _ in range(num_groups))
         self.blk_tokens = nn.Parameter(torch.zeros(num_groups, width))  # [BLK_i], zero-initialised
         self.apply(_init_weights)
+
+    def _normed(self, g: int, grp: TokenGroup) -> torch.Tensor:
+        """Pruned group ``g`` after its LayerNorm, its straight-through mask multiplied in: ``[B, M, hidden]``."""
+        if grp.mask is None:
+            return self.norms[g](grp.tokens)
+        mask = grp.mask.unsqueeze(-1).to(grp.tokens.dtype)  # [B, M, 1]
+        if self.pruned_mask == "before_norm":
+            return self.norms[g](grp.tokens * mask)  # the norm cancels the per-token scale, and its gradient
+        return self.norms[g](grp.tokens) * mask
 
     def forward(self, enc: SparseEncoding) -> torch.Tensor:
         if len(enc.pruned) != len(self.norms):
             raise ValueError(f"MTA was built for {len(self.norms)} pruned groups, got {len(enc.pruned)}")
         b, c = enc.final.shape[0], self.width
         final = self.embeds[-1](enc.final) + self.blk_tokens[-1]  # [B, 1 + K, hidden] -> [B, 1 + K, C]
-        groups = [self.embeds[g](self.norms[g](grp.tokens)) + self.blk_tokens[g] for g, grp in enumerate(enc.pruned)]
+        groups = [self.embeds[g](self._normed(g, grp)) + self.blk_tokens[g] for g, grp in enumerate(enc.pruned)]
         if enc.keep_weight is None:  # disjoint groups: each position written once
             z = final.new_empty(b, 1 + self.num_tokens, c)
             _put(z, with_cls(enc.keep_idx), final)
@@ -135,12 +159,15 @@ class MaskedTokenCompletion(_Completion):
 
 
 def build_completion(kind: str, *, num_groups: int, hidden_size: int, grid_size: Sequence[int], width: int,
-                     depth: int, num_heads: int, qkv_bias: bool = True, dropout_rate: float = 0.0) -> _Completion:
-    """``"mta"`` or ``"mim"``; raises ValueError naming an unknown kind."""
+                     depth: int, num_heads: int, qkv_bias: bool = True, dropout_rate: float = 0.0,
+                     pruned_mask: str = "before_norm") -> _Completion:
+    """``"mta"`` or ``"mim"`` (which reads no pruned tokens, so ``pruned_mask`` does not apply to it); raises
+    ValueError naming an unknown kind or ``pruned_mask``."""
+    _check_pruned_mask(pruned_mask)
     common = dict(hidden_size=hidden_size, grid_size=grid_size, width=width, depth=depth, num_heads=num_heads,
                   qkv_bias=qkv_bias, dropout_rate=dropout_rate)
     if kind == "mta":
-        return MultiLayerTokenAssembly(num_groups=num_groups, **common)
+        return MultiLayerTokenAssembly(num_groups=num_groups, pruned_mask=pruned_mask, **common)
     if kind == "mim":
         return MaskedTokenCompletion(**common)
     raise ValueError(f"unknown completion {kind!r}; valid completions: {', '.join(COMPLETIONS)}")

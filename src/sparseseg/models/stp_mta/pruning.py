@@ -5,7 +5,8 @@ listed in ``prune_after`` (1-based: ``(3, 6, 9)`` = after the 3rd, 6th and 9th b
 of the ``L`` patch tokens still alive (:func:`~sparseseg.models.common.tokens.num_keep`; ``r`` compounds over the
 stages). [CLS] is never scored and always kept. Only the kept tokens go on through the later blocks (a batched
 gather, no attention masking); the pruned tokens of every stage are returned with their original positions for token
-completion.
+completion. Scores, Gumbel noise and the soft top-K run in float32, also under autocast (ties and a coarse noise in
+float16 would change which tokens are kept).
 
 Scorers (``scorer``):
 
@@ -22,6 +23,7 @@ Scorers (``scorer``):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,11 +44,14 @@ class TokenGroup:
     """Patch tokens of one MTA group: ``tokens`` ``[B, M, C]`` at original patch positions ``idx`` ``[B, M]``.
 
     ``weight`` ``[B, M]`` is the soft membership (values in {0, 1}, straight-through gradient) when every group holds
-    all N tokens (DynamicViT training); None when the groups are disjoint subsets."""
+    all N tokens (DynamicViT training); None when the groups are disjoint subsets. ``mask`` ``[B, M]`` is the
+    straight-through ``1 - M`` of the pruned tokens (exactly 1 in the forward pass, the soft top-K gradient
+    backward) in STP training, for token completion to multiply in; None otherwise."""
 
     tokens: torch.Tensor
     idx: torch.Tensor
     weight: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,8 +60,9 @@ class SparseEncoding:
 
     ``final`` ``[B, 1 + K, C]``: [CLS] and the kept tokens after the final LayerNorm; ``keep_idx`` ``[B, K]`` their
     original positions; ``keep_weight`` ``[B, K]`` or None (see :class:`TokenGroup`); ``pruned``: one group per stage
-    (raw block outputs, not normalised); ``depth`` ``[B, N]`` (long): number of blocks each patch token went through
-    (= the ``prune_after`` entry of the stage that dropped it, ``num_layers`` when kept to the end)."""
+    (raw block outputs, not normalised, their straight-through mask not yet applied); ``depth`` ``[B, N]`` (long):
+    number of blocks each patch token went through (= the ``prune_after`` entry of the stage that dropped it,
+    ``num_layers`` when kept to the end)."""
 
     final: torch.Tensor
     keep_idx: torch.Tensor
@@ -69,6 +75,13 @@ class SparseEncoding:
 def with_cls(idx: torch.Tensor) -> torch.Tensor:
     """Positions in the ``[CLS] + patches`` layout of [CLS] and the patch tokens ``idx``: ``[B, K] -> [B, 1 + K]``."""
     return F.pad(idx + 1, (1, 0), value=0)
+
+
+def float32_scope(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on the device of ``x`` (nothing to switch off on devices without autocast, e.g. meta)."""
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class ScoreNet(nn.Module):
@@ -168,14 +181,15 @@ class SparseViTEncoder(nn.Module):
         return counts
 
     def _log_scores(self, stage: int, patch: torch.Tensor, cls_attn: torch.Tensor | None) -> torch.Tensor:
-        """Scores ``[B, L]`` of the patch tokens ``[B, L, C]`` at one stage (larger = keep)."""
+        """Scores ``[B, L]`` (float32) of the patch tokens ``[B, L, C]`` at one stage (larger = keep)."""
         net = self.scorers[stage]
-        if self.scorer == "cls_attention":
-            return net(cls_attn)
-        out = net(patch)  # [B, L, 1] or [B, L, 2]
-        if self.scorer == "mlp":
-            return F.logsigmoid(out.squeeze(-1))  # log s
-        return out.log_softmax(-1)[..., 0]  # log P(keep)
+        with float32_scope(patch):
+            if self.scorer == "cls_attention":
+                return net(cls_attn.float())
+            out = net(patch.float())  # [B, L, 1] or [B, L, 2]
+            if self.scorer == "mlp":
+                return F.logsigmoid(out.squeeze(-1))  # log s
+            return out.log_softmax(-1)[..., 0]  # log P(keep)
 
     def forward(self, x: torch.Tensor, prune_ratio: float, stochastic: bool | None = None) -> SparseEncoding:
         """Encode ``x`` ``[B, C_in, D, H, W]``. ``stochastic`` (default: ``self.training``) selects the training
@@ -205,11 +219,12 @@ class SparseViTEncoder(nn.Module):
             )
             dropped = gather_tokens(z, sel.drop_idx + 1)  # [B, 1 + L, C] -> [B, L - K, C]
             z = gather_tokens(z, with_cls(sel.keep_idx))  # [B, 1 + L, C] -> [B, 1 + K, C], [CLS] first
+            drop_mask = None
             if stochastic and learned:  # straight-through masks (exactly 1 forward) carry the top-K gradient
-                z = z * F.pad(sel.keep_mask, (1, 0), value=1.0).unsqueeze(-1)
-                dropped = dropped * sel.drop_mask.unsqueeze(-1)
+                z = z * F.pad(sel.keep_mask, (1, 0), value=1.0).unsqueeze(-1).to(z.dtype)
+                drop_mask = sel.drop_mask  # applied by token completion, before or after its group norm
             drop_pos = alive.gather(1, sel.drop_idx)  # [B, L - K]
-            pruned.append(TokenGroup(dropped, drop_pos))
+            pruned.append(TokenGroup(dropped, drop_pos, mask=drop_mask))
             depth = depth.scatter(1, drop_pos, i + 1)
             alive = alive.gather(1, sel.keep_idx)  # [B, K]
         return SparseEncoding(vit.norm(z), alive, pruned, depth)
@@ -233,8 +248,9 @@ class SparseViTEncoder(nn.Module):
             stage = stages.get(i + 1)
             if stage is None:
                 continue
-            log_probs = self.scorers[stage](z[:, 1:], policy).log_softmax(-1)  # [B, N, 2]
-            keep = binary_decision(log_probs, self.tau, noise=self.perturbation == "gumbel")  # [B, N]
+            with float32_scope(z):
+                log_probs = self.scorers[stage](z[:, 1:].float(), policy.float()).log_softmax(-1)  # [B, N, 2]
+                keep = binary_decision(log_probs, self.tau, noise=self.perturbation == "gumbel")  # [B, N]
             new_policy = policy * keep
             pruned.append(TokenGroup(z[:, 1:], all_idx, policy - new_policy))
             depth = torch.where((policy - new_policy).detach() > 0.5, i + 1, depth)

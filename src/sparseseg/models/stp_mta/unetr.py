@@ -27,11 +27,25 @@ from sparseseg.models.common.vit import ViT3d, tokens_to_map
 from sparseseg.models.stp_mta.completion import build_completion
 from sparseseg.models.stp_mta.pruning import SparseEncoding, SparseViTEncoder
 
-DEFAULT_SKIPS = {"original": (4, 7, 10), "v2": (3, 6, 9), "v1": (4, 8)}  # "original" = MONAI's hidden_states_out[3/6/9]
 _VIT_B = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
 PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"}, "brats": {"patch_size": 8, "decoder": "v1"}}
 PRESETS_SPARSE = {"btcv": {**PRESETS_DENSE["btcv"], "prune_ratio": 0.9},
                   "brats": {**PRESETS_DENSE["brats"], "prune_ratio": 0.75}}
+
+
+def default_skip_layers(num_layers: int, num_skips: int) -> tuple[int, ...]:
+    """Decoder taps spread over the depth: the outputs of blocks ``floor(k L / (n + 1)) + 1``, ``k = 1..n``
+    (1-based; repeats only when there are fewer blocks than taps).
+
+    For ViT-B (12 blocks) these are the authors' and MONAI's taps, ``hidden_states_out[3/6/9]`` and ``[4/8]`` of a
+    list appended after every block: blocks 4/7/10 for three skips (decoders ``original`` and ``v2``), 5/9 for two
+    (``v1``).
+
+    Examples:
+        >>> default_skip_layers(12, 3), default_skip_layers(12, 2), default_skip_layers(6, 3), default_skip_layers(3, 3)
+        ((4, 7, 10), (5, 9), (2, 4, 5), (1, 2, 3))
+    """
+    return tuple(k * num_layers // (num_skips + 1) + 1 for k in range(1, num_skips + 1))
 
 
 def _default_decoder(decoder: str | None, patch_size: int) -> str:
@@ -85,10 +99,13 @@ class UNETR(_UnetrBase):
         patch_size: 8 (decoders ``v1``/``v2``) or 16 (decoder ``original``).
         feature_size: decoder width at full resolution (16). hidden_size, mlp_dim, num_layers, num_heads: the ViT
             (ViT-B = 768, 3072, 12, 12). dropout_rate: ViT dropout (training only). qkv_bias: qkv projection bias.
+        drop_path_rate: stochastic depth of the last ViT block, rising linearly from 0 at the first (training only;
+            0.1 in the authors' BTCV runs).
         norm_name: MONAI norm of the decoder blocks ("instance").
         decoder: "original" | "v1" | "v2"; None = "original" for patch 16, "v2" for patch 8.
-        skip_layers: 1-based blocks whose outputs feed the decoder skips, shallow to deep; None = the decoder's
-            default (original 4/7/10 = MONAI's taps, v2 3/6/9, v1 4/8).
+        skip_layers: 1-based blocks whose outputs feed the decoder skips, shallow to deep; None = spread over the
+            depth (:func:`default_skip_layers`): with 12 blocks 4/7/10 (``original``, ``v2``) and 5/9 (``v1``), the
+            authors' and MONAI's ``hidden_states_out[3/6/9]`` and ``[4/8]``.
 
     Examples:
         >>> model = UNETR(in_channels=1, out_channels=2, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
@@ -101,14 +118,15 @@ class UNETR(_UnetrBase):
                  patch_size: int = 8, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
                  num_layers: int = 12, num_heads: int = 12, dropout_rate: float = 0.0, qkv_bias: bool = True,
                  norm_name: str | tuple = "instance", decoder: str | None = None,
-                 skip_layers: Sequence[int] | None = None):
+                 skip_layers: Sequence[int] | None = None, drop_path_rate: float = 0.0):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
-                    qkv_bias=qkv_bias)
+                    qkv_bias=qkv_bias, drop_path_rate=drop_path_rate)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
                          feature_size=feature_size, norm_name=norm_name, decoder=decoder)
         self.vit = vit
-        skips = tuple(DEFAULT_SKIPS[self.decoder_name] if skip_layers is None else (int(s) for s in skip_layers))
+        skips = (default_skip_layers(num_layers, self.decoder.num_skips) if skip_layers is None
+                 else tuple(int(s) for s in skip_layers))
         if len(skips) != self.decoder.num_skips or any(not 1 <= s <= num_layers for s in skips):
             raise ValueError(f"skip_layers must be {self.decoder.num_skips} block indices in [1, {num_layers}] for "
                              f"decoder {self.decoder_name!r}, got {skips}")
@@ -149,6 +167,9 @@ class STPMTAUNETR(_UnetrBase):
         tau: soft top-K temperature (paper Table 4d: 0.01, 0.1, 1).
         completion_size, completion_depth, completion_heads: width C (divisible by 6), blocks and heads of the
             completion Transformer (768, 1, 12).
+        pruned_mask: where MTA multiplies each pruned token by its straight-through ``1 - M`` in training:
+            "before_norm" (the authors' code: the group's LayerNorm cancels it, so only the kept tokens train the
+            scorer) | "after_norm" (both groups train it). See :mod:`~.completion`.
 
     Examples:
         >>> model = STPMTAUNETR(in_channels=1, out_channels=2, img_size=32, hidden_size=48, mlp_dim=96,
@@ -164,10 +185,11 @@ class STPMTAUNETR(_UnetrBase):
                  norm_name: str | tuple = "instance", decoder: str | None = None, prune_ratio: float = 0.75,
                  prune_after: Sequence[int] = (3, 6, 9), scorer: str = "mlp", completion: str = "mta",
                  perturbation: str = "gumbel", tau: float = 1.0, completion_size: int = 768,
-                 completion_depth: int = 1, completion_heads: int = 12):
+                 completion_depth: int = 1, completion_heads: int = 12, drop_path_rate: float = 0.0,
+                 pruned_mask: str = "before_norm"):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
-                    qkv_bias=qkv_bias)
+                    qkv_bias=qkv_bias, drop_path_rate=drop_path_rate)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
                          feature_size=feature_size, norm_name=norm_name, decoder=decoder)
         self.prune_ratio = prune_ratio
@@ -175,7 +197,7 @@ class STPMTAUNETR(_UnetrBase):
         self.completion = build_completion(completion, num_groups=len(self.encoder.prune_after) + 1,
                                            hidden_size=hidden_size, grid_size=self.grid_size, width=completion_size,
                                            depth=completion_depth, num_heads=completion_heads, qkv_bias=qkv_bias,
-                                           dropout_rate=dropout_rate)
+                                           dropout_rate=dropout_rate, pruned_mask=pruned_mask)
 
     @property
     def vit(self) -> ViT3d:

@@ -1,4 +1,5 @@
-"""Building blocks of TokenSeg: token position embedding, the token mixer block and the importance scorer."""
+"""Building blocks of TokenSeg: token position embedding, the token mixer block, the importance scorer and the
+convolution blocks of the encoder and the decoder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.common.conv import Conv3d
 from sparseseg.models.common.norms import affine_instance_norm
 
 
@@ -105,9 +105,9 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, norm_name: str = "instance") -> None:
         super().__init__()
         self.body = nn.Sequential(
-            Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
             nn.LeakyReLU(0.01, inplace=True),
-            Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
+            nn.Conv3d(channels, channels, 3, padding=1, bias=False), norm_layer(norm_name, channels),
         )
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
@@ -119,12 +119,29 @@ class Down(nn.Sequential):
     """One encoder level: a 2^3 stride-2 conv (each output voxel pools its non-overlapping 2^3 cell) + ResBlock."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_name: str = "instance") -> None:
-        super().__init__(Conv3d(in_channels, out_channels, 2, stride=2), ResBlock(out_channels, norm_name))
+        super().__init__(nn.Conv3d(in_channels, out_channels, 2, stride=2), ResBlock(out_channels, norm_name))
 
 
-class Up(nn.Sequential):
-    """x2 upsampling ``[B, C_in, d, h, w] -> [B, C_out, 2d, 2h, 2w]``: a 1^3 conv at the coarse resolution, then
-    nearest-neighbour x2 (the conv commutes with nearest upsampling, so it runs on 8x fewer voxels)."""
+class RefineBlock(nn.Sequential):
+    """Residual update of a decoder map computed only where it is refined: LeakyReLU - conv 3^3 - LeakyReLU -
+    conv 3^3, both unpadded, ``[N, C, n, n, n] -> [N, C, n - 4, n - 4, n - 4]`` (a halo of ``HALO`` voxels).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(Conv3d(in_channels, out_channels, 1), nn.Upsample(scale_factor=2, mode="nearest"))
+    No normalisation: statistics over a batch of blocks would differ from those over the whole map, and the
+    full-resolution stem trains better without (SPEC section 5)."""
+
+    HALO = 2
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.LeakyReLU(0.01), nn.Conv3d(channels, channels, 3),
+                         nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(channels, channels, 3))
+
+
+class Head(nn.Sequential):
+    """Full-resolution head: LeakyReLU - unpadded conv 3^3 - LeakyReLU - 1^3 classifier,
+    ``[N, C, n, n, n] -> [N, out, n - 2, n - 2, n - 2]`` (a halo of ``HALO`` voxel)."""
+
+    HALO = 1
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__(nn.LeakyReLU(0.01), nn.Conv3d(channels, channels, 3),
+                         nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(channels, out_channels, 1))

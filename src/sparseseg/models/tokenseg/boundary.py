@@ -7,7 +7,16 @@ it is the union of that band over the classes (a voxel is in the band when its n
 values). Volume edges are not boundaries (the pooling pads with -inf).
 
 A token covers a *cell*: a cube of ``stride`` image voxels per axis at its level. Its boundary target is the
-fraction of its cell inside the band; it *touches* the band when that fraction is positive.
+fraction of its cell inside the band. The boundary fraction of a selection has two measures:
+
+* ``"touches"``: the share of selected tokens whose cell holds a band voxel (a loose test: at radius 2 a 16^3
+  cell touches the 5-voxel band of almost any boundary that passes near it);
+* ``"share"``: the mean share of each selected cell that lies inside the band (the band's share of the selected
+  volume, each token weighted alike).
+
+Each is reported beside its **chance level**: the expected value of the same measure for cells drawn uniformly at
+random, in the same number per level (the per-level quota of the selection). For ``"share"`` that is the band's
+share of the volume at every level.
 """
 
 from __future__ import annotations
@@ -54,6 +63,19 @@ def cell_touches_band(band: torch.Tensor, stride: int) -> torch.Tensor:
     return F.max_pool3d(band.float(), stride, stride).flatten(1) > 0  # [B, N_cells]
 
 
+MEASURES = ("touches", "share")
+
+
+def cell_band_values(band: torch.Tensor, stride: int, measure: str = "touches") -> torch.Tensor:
+    """Per cell ``[B, N_cells]`` (float): 1/0 whether it touches the band (``"touches"``) or its share inside the
+    band (``"share"``)."""
+    if measure == "touches":
+        return cell_touches_band(band, stride).float()
+    if measure == "share":
+        return cell_band_fraction(band, stride)
+    raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+
+
 @dataclass
 class TokenSelection:
     """The tokens an importance scorer kept, in a form a picture can draw.
@@ -92,23 +114,64 @@ class TokenSelection:
             out = torch.where(up, value, out if out is not None else torch.zeros_like(value))
         return out
 
+    def band_values(self, band: torch.Tensor, measure: str = "touches") -> torch.Tensor:
+        """``[B, K]`` float: :func:`cell_band_values` of each selected token's cell for ``band`` ``[B, 1, D, H, W]``."""
+        out = torch.zeros(self.levels.shape, dtype=torch.float32, device=self.levels.device)
+        for level, (stride, grid) in enumerate(zip(self.strides, self.grid_sizes, strict=True)):
+            values = cell_band_values(band, stride, measure)  # [B, N_l]
+            hit = values.gather(1, _flat_cell(self.cells, grid).clamp_max(values.shape[1] - 1))  # [B, K]
+            out = torch.where(self.levels == level, hit, out)
+        return out
+
     def touches_band(self, band: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` bool: whether the cell of each selected token holds a voxel of ``band`` ``[B, 1, D, H, W]``."""
-        touch = torch.zeros(self.levels.shape, dtype=torch.bool, device=self.levels.device)
-        for level, (stride, grid) in enumerate(zip(self.strides, self.grid_sizes, strict=True)):
-            cell_touch = cell_touches_band(band, stride)  # [B, N_l]
-            hit = cell_touch.gather(1, _flat_cell(self.cells, grid).clamp_max(cell_touch.shape[1] - 1))  # [B, K]
-            touch = torch.where(self.levels == level, hit, touch)
-        return touch
+        return self.band_values(band, "touches") > 0
+
+    def chance_band_value(self, band: torch.Tensor, measure: str = "touches") -> torch.Tensor:
+        """``[B]``: the expected mean of :meth:`band_values` over cells drawn uniformly at random, as many per level
+        as this selection holds."""
+        total = torch.zeros(self.levels.shape[0], dtype=torch.float32, device=self.levels.device)
+        for level, stride in enumerate(self.strides):
+            count = (self.levels == level).sum(1).float()  # [B] tokens of this level
+            total = total + count * cell_band_values(band, stride, measure).mean(1)  # [B, N_l] -> [B]
+        return total / self.levels.shape[1]
 
 
-def selected_boundary_fraction(selection: TokenSelection, target: torch.Tensor, radius: int = 2) -> torch.Tensor:
-    """Per case ``[B]``: the fraction of selected tokens whose cell touches the boundary band of ``target``.
+def selected_boundary_fraction(selection: TokenSelection, target: torch.Tensor, radius: int = 2,
+                               measure: str = "touches") -> torch.Tensor:
+    """Per case ``[B]``: the boundary fraction of the selected tokens for the band of ``target`` (module docstring).
 
     ``target`` is a reference label (``[B, 1, D, H, W]`` class indices or ``[B, C, D, H, W]`` regions) on the grid
-    the selection was computed on. The TokenSeg abstract reports more than 60 % of the kept tokens near the boundary.
+    the selection was computed on; ``measure`` is ``"touches"`` or ``"share"``. The TokenSeg abstract reports more
+    than 60 % of the kept tokens near the boundary; read it beside :func:`chance_boundary_fraction`.
     """
-    return selection.touches_band(boundary_band(target, radius)).float().mean(dim=1)
+    return selection.band_values(boundary_band(target, radius), measure).mean(dim=1)
+
+
+def chance_boundary_fraction(selection: TokenSelection, target: torch.Tensor, radius: int = 2,
+                             measure: str = "touches") -> torch.Tensor:
+    """Per case ``[B]``: what :func:`selected_boundary_fraction` gives in expectation for a random selection of the
+    same number of cells per level."""
+    return selection.chance_band_value(boundary_band(target, radius), measure)
+
+
+def boundary_report(selection: TokenSelection, target: torch.Tensor, radius: int = 2) -> dict[str, torch.Tensor]:
+    """Both measures and their chance levels, per case ``[B]``: keys ``touches``, ``touches_chance``, ``share``,
+    ``share_chance``.
+
+    Examples:
+        >>> sel = TokenSelection(torch.tensor([[0]]), torch.tensor([[[0, 0, 0]]]), torch.zeros(1, 1), (2,),
+        ...                      ((2, 2, 2),))
+        >>> label = torch.zeros(1, 1, 4, 4, 4); label[..., 2:] = 1  # a plane between x = 1 and x = 2
+        >>> {k: round(float(v), 3) for k, v in boundary_report(sel, label, radius=1).items()}
+        {'touches': 1.0, 'touches_chance': 1.0, 'share': 0.5, 'share_chance': 0.5}
+    """
+    band = boundary_band(target, radius)
+    out = {}
+    for measure in MEASURES:
+        out[measure] = selection.band_values(band, measure).mean(dim=1)
+        out[f"{measure}_chance"] = selection.chance_band_value(band, measure)
+    return out
 
 
 def _flat_cell(cells: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -17,13 +17,13 @@ Pipeline (finest level first everywhere; level ``l`` has stride ``2^(l+1)``: 1/2
    set always mixes coarse context tokens with fine boundary tokens (one global top-K keeps only the finest
    level: small cells reach the highest boundary fractions).
 4. **Token mixer**: ``mixer_depth`` Transformer blocks over the kept tokens only (global context at ~100 tokens).
-5. **Sparse-to-dense decoder**: coarse-to-fine; at each level the decoder map = upsampled coarser map + encoder
-   skip + reprojection, where kept tokens (quantised, mixed) and dropped candidates (un-quantised, unmixed, cheap)
-   write their per-level projection into their cell and every cell gets a learned per-level fill vector.
-   Additive skips, x2 upsampling by a 1^3 conv + nearest neighbour; the only full-resolution work is the head:
-   upsampled 1/2 map + a 1^3 conv of the image (``feature_size`` channels), one 3^3 conv, a 1^3 classifier.
-   Without autograd (inference) the head runs in slabs of ``head_slab`` half-resolution slices with a one-slice
-   halo, so no full-resolution feature map is ever held whole: only the logits are (same result as unsliced).
+5. **Sparse-to-dense decoder** (:mod:`.decoder`): only the kept tokens, quantised and mixed, reach it (the
+   unselected candidates do not). Coarse to fine, each level's map is the fill vector + the upsampled coarser map +
+   the level's tokens written into their cells (+ a skip, ``skips``); 1/16 and 1/8 are decoded densely and give a
+   coarse prediction, 1/4, 1/2 and full resolution are refined only in the cells of kept tokens (gathered blocks
+   with a halo through unpadded convolutions), so their cost follows the tokens kept. ``skips="sparse"`` (default)
+   lets encoder detail into the fine levels only, inside the cells of kept coarser tokens (never at a token's own
+   cell): the coarse prediction, the answer wherever no token was kept, is made from the tokens alone.
 """
 
 from __future__ import annotations
@@ -35,21 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparseseg.models.common.conv import Conv3d
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
 from sparseseg.models.common.tokens import TopKSelection, gather_tokens, soft_topk
-from sparseseg.models.tokenseg.blocks import (
-    Down,
-    ImportanceScorer,
-    ResBlock,
-    TokenBlock,
-    Up,
-    norm_layer,
-    sincos_3d,
-    split_candidates,
-)
+from sparseseg.models.tokenseg.blocks import Down, ImportanceScorer, TokenBlock, norm_layer, sincos_3d, split_candidates
 from sparseseg.models.tokenseg.boundary import TokenSelection, boundary_band, cell_band_fraction
+from sparseseg.models.tokenseg.decoder import SparseDecoder
 from sparseseg.models.tokenseg.vq import VectorQuantizer
 
 NUM_LEVELS = 4
@@ -61,8 +52,7 @@ class TokenizerOutput:
     """What :meth:`TokenSeg.forward_encoder` returns (shapes with N candidates and K kept tokens)."""
 
     features: list[torch.Tensor]  # encoder maps of levels 1/2 .. 1/16: [B, C_l, *grid_l]
-    kept: torch.Tensor  # [B, K, T] kept tokens after the mixer and its LayerNorm
-    dropped: torch.Tensor  # [B, N - K, T] un-quantised dropped candidates (scaled by the ST drop mask)
+    kept: torch.Tensor  # [B, K, T] kept tokens (quantised, positioned) after the mixer and its LayerNorm
     keep_idx: torch.Tensor  # [B, K] indices into the candidates, ascending
     drop_idx: torch.Tensor  # [B, N - K]
     cand_cells: torch.Tensor  # [B, N] flat cell index of each candidate in its level's grid
@@ -88,6 +78,11 @@ class TokenSeg(nn.Module):
             to ``tokens_per_level`` (40/30/20/10 by default). A plain attribute too.
         codebook_size: VQ codes (4096). mixer_depth, num_heads: Transformer blocks and heads over kept tokens.
         tau: soft top-K temperature. norm_name: ``"instance"`` or ``"batch"``, the norm of the residual blocks.
+        skips: what the encoder adds to the decoder: ``"sparse"`` (default: encoder maps of the fine levels and the
+            image only inside the cells of kept coarser tokens), ``"dense"`` (everywhere, a U-Net's skips) or
+            ``"none"`` (tokens only).
+        zero_tokens: the kept tokens reach the decoder as zeros (an ablation; their cells still decide where the
+            decoder refines). A plain attribute too, as is ``dense_decoding`` (refine the whole volume, same weights).
         band_radius: boundary band half-width in voxels (a cell's target = its fraction inside the band).
         vq_weight, commitment_beta, boundary_weight, proposal_weight: auxiliary loss weights.
 
@@ -120,6 +115,8 @@ class TokenSeg(nn.Module):
         commitment_beta: float = 0.25,
         boundary_weight: float = 1.0,
         proposal_weight: float = 1.0,
+        skips: str = "sparse",
+        zero_tokens: bool = False,
     ) -> None:
         super().__init__()
         size = (img_size,) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
@@ -172,7 +169,7 @@ class TokenSeg(nn.Module):
         norm_layer(norm_name, 1)  # validates the name before anything is built
         self.stages = nn.ModuleList(Down(in_channels if i == 0 else ch[i], ch[i + 1], norm_name)
                                     for i in range(NUM_LEVELS))
-        self.proposal = nn.ModuleList(Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
+        self.proposal = nn.ModuleList(nn.Conv3d(ch[i + 1], 1, 1) for i in range(NUM_LEVELS))
         self.token_embed = nn.ModuleList(nn.Linear(ch[i + 1], token_size) for i in range(NUM_LEVELS))
         self.token_norm = nn.LayerNorm(token_size, eps=1e-6)
         self.vq = VectorQuantizer(codebook_size, token_size)
@@ -180,15 +177,9 @@ class TokenSeg(nn.Module):
         self.scorer = ImportanceScorer(token_size)
         self.mixer = nn.Sequential(*(TokenBlock(token_size, num_heads) for _ in range(mixer_depth)))
         self.mixer_norm = nn.LayerNorm(token_size, eps=1e-6)
-        self.reproject = nn.ModuleList(nn.Linear(token_size, ch[i + 1]) for i in range(NUM_LEVELS))
-        self.fill = nn.ParameterList(nn.Parameter(torch.zeros(ch[i + 1])) for i in range(NUM_LEVELS))
-        self.up = nn.ModuleList(Up(ch[i + 1], ch[i]) for i in range(NUM_LEVELS))
-        self.decode = nn.ModuleList(ResBlock(ch[i], norm_name) for i in range(1, NUM_LEVELS))
-        # Full resolution: no normalisation (cheaper, and it helped the demo's Dice: SPEC section 5).
-        self.image_skip = Conv3d(in_channels, ch[0], 1)
-        self.head = nn.Sequential(nn.LeakyReLU(0.01), Conv3d(ch[0], ch[0], 3, padding=1),
-                                  nn.LeakyReLU(0.01, inplace=True), Conv3d(ch[0], out_channels, 1))
-        self.head_slab = 16  # half-resolution slices per slab of the inference head (memory only, not a weight)
+        self.decoder = SparseDecoder(ch, out_channels, in_channels, token_size, self.grid_sizes, norm_name, skips)
+        self.zero_tokens = zero_tokens  # ablation: the decoder gets zeros for the kept tokens (not a weight)
+        self.dense_decoding = False  # refine every cell instead of the kept ones (not a weight)
 
     def _keep_split(self) -> list[int]:
         """Kept tokens per level (validated): ``keep_per_level`` or ``num_keep`` split like the candidates."""
@@ -259,48 +250,15 @@ class TokenSeg(nn.Module):
         sel = self._select(F.logsigmoid(score_logits))
         kept = gather_tokens(tokens, sel.keep_idx) * sel.keep_mask[..., None]  # [B, K, T]
         kept = self.mixer_norm(self.mixer(kept))
-        dropped = gather_tokens(z + pos, sel.drop_idx) * sel.drop_mask[..., None]  # [B, N - K, T]
-        return TokenizerOutput(feats, kept, dropped, sel.keep_idx, sel.drop_idx, cand_cells, score_logits,
+        return TokenizerOutput(feats, kept, sel.keep_idx, sel.drop_idx, cand_cells, score_logits,
                                proposal_logits, q.codes, (q.codebook_loss, q.commitment_loss))
 
-    def _reproject(self, y: torch.Tensor, level: int, enc: TokenizerOutput) -> torch.Tensor:
-        """Add the fill vector and the tokens of ``level`` into their cells of the map ``y`` ``[B, C_l, *grid]``."""
-        idx = torch.cat([enc.keep_idx, enc.drop_idx], 1)  # [B, N]
-        values = torch.cat([enc.kept, enc.dropped], 1)  # [B, N, T]
-        here = self.cand_levels[idx] == level  # [B, N]
-        slot = torch.where(here, enc.cand_cells.gather(1, idx), 0)  # [B, N]; other levels add zeros at cell 0
-        values = self.reproject[level](values) * here[..., None]  # [B, N, C_l]
-        y = y + self.fill[level].to(y.dtype).view(1, -1, 1, 1, 1)  # keep the map's dtype under autocast
-        src = values.transpose(1, 2).to(y.dtype)  # [B, N, C_l] -> [B, C_l, N]
-        flat = y.flatten(2).scatter_add(2, slot[:, None].expand(-1, y.shape[1], -1), src)
-        return flat.view_as(y)  # [B, C_l, d*h*w] -> [B, C_l, d, h, w]
-
     def _decode(self, x: torch.Tensor, enc: TokenizerOutput) -> torch.Tensor:
-        feats = enc.features
-        y = self._reproject(feats[-1], NUM_LEVELS - 1, enc)  # bottleneck at 1/16
-        for level in reversed(range(NUM_LEVELS - 1)):  # 1/8, 1/4, 1/2
-            y = self.up[level + 1](y) + feats[level]
-            y = self.decode[level](self._reproject(y, level, enc))
-        if torch.is_grad_enabled():
-            return self._full_resolution(x, y)
-        return self._full_resolution_slabs(x, y)
-
-    def _full_resolution(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Head: ``x`` ``[B, in, D, H, W]`` and the 1/2 map ``y`` ``[B, C_1, D/2, H/2, W/2]`` -> logits."""
-        return self.head(self.up[0](y) + self.image_skip(x))
-
-    def _full_resolution_slabs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """:meth:`_full_resolution` slab by slab along D; its 3^3 conv needs a halo of 1 voxel (1 half slice)."""
-        half = y.shape[2]
-        out = None
-        for start in range(0, half, self.head_slab):
-            stop = min(start + self.head_slab, half)
-            lo, hi = max(start - 1, 0), min(stop + 1, half)  # with the halo
-            part = self._full_resolution(x[:, :, 2 * lo:2 * hi], y[:, :, lo:hi])  # [B, out, 2 (hi - lo), H, W]
-            if out is None:
-                out = part.new_empty(part.shape[0], part.shape[1], 2 * half, *part.shape[3:])
-            out[:, :, 2 * start:2 * stop] = part[:, :, 2 * (start - lo):2 * (stop - lo)]
-        return out
+        """The kept tokens and their cells, level by level, through the sparse-to-dense decoder."""
+        split = self._keep_split()
+        kept = enc.kept * 0.0 if self.zero_tokens else enc.kept  # [B, K, T]
+        cells = enc.cand_cells.gather(1, enc.keep_idx)  # [B, K] flat cell of each kept token in its level's grid
+        return self.decoder(x, enc.features, kept.split(split, 1), cells.split(split, 1), self.dense_decoding)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
         """``x`` ``[B, in_channels, *img_size]`` -> logits (eval) or :class:`SegmentationOutput` (training)."""

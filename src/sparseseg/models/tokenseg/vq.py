@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -33,8 +34,9 @@ class Quantized(NamedTuple):
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the L2-nearest code for every token: ``[B, N, C], [K, C] -> [B, N]``."""
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 does not change the argmin. In float32 even under autocast:
-    # half-precision distances would tie and flip nearby codes.
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    # half-precision distances would tie and flip nearby codes. (Meta tensors, used to count MACs, have no autocast.)
+    device = z.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
         z, codebook = z.float(), codebook.float()
         dist2 = codebook.square().sum(1) - 2.0 * z @ codebook.t()  # [B, N, K]
     return dist2.argmin(dim=-1)  # [B, N]
