@@ -8,7 +8,9 @@ merged per key in the same order.
 ``btcv`` and ``brats`` are the STP + MTA paper's runs as the authors ran them (github.com/cvlab-stonybrook/
 TokenSparse-for-MedSeg: ``configs/*.yaml``, the training commands of its README, ``lib/trainers/seg_trainer.py``,
 ``lib/data/med_transforms.py``), for ``unetr`` and ``stp_mta_unetr``. Where the code and the paper differ the code
-is followed; docs/pipeline.md ("Training recipe") lists the differences and what is not matched.
+is followed; docs/pipeline.md ("Training recipe") lists the differences and what is not matched. ``veloxseg`` is the
+VeloxSeg authors' training (github.com/JinPLu/VeloxSeg: ``config/train_config_bs4.json``, ``utils/loss.py``,
+``utils/train_autopet.py``); docs/veloxseg.md lists what is not matched.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "target_spacing": [1.0, 1.0, 1.0],  # med_transforms: Spacingd(pixdim=(1.0, 1.0, 1.0))
         "crop_foreground": False,  # med_transforms: CropForegroundd commented out of the training transforms
         "cache_rate": 0.5,  # README --cache_rate=0.5
+    },
+    # VeloxSeg: config/train_config_bs4.json (optimizer, schedulers, batch, epochs, crops) and the model config's
+    # 96^3 patch size; a recipe of any dataset (spacing and intensity stay the dataset's).
+    "veloxseg": {
+        "model": "veloxseg",
+        "lr": 2.5e-4,  # optimizer_args lr, not scaled by the batch
+        "weight_decay": 0.01,  # optimizer_args weight_decay (torch.optim.AdamW, default betas)
+        "betas": [0.9, 0.999],
+        "layer_decay": 1.0,
+        "batch_size": 2,  # batch_size
+        "num_samples": 2,  # RandCropByPosNegLabeld(num_samples=2, pos=1, neg=1): 4 crops per step
+        "roi_size": [96, 96, 96],  # patch_size of AutoPETII and BraTS2021
+        "epochs": 300,  # epochs
+        "warmup_fraction": 10 / 300,  # warmup_scheduler warmup_epochs: 10
+        "min_lr_ratio": 6e-6 / 2.5e-4,  # cosine_annealing over the other 290 epochs to min_lr 6e-6
+        "squared_pred": False,  # utils/loss.py: monai DiceLoss with its default smoothing, plus cross-entropy
+        "smooth_nr": 1e-5,
+        "smooth_dr": 1e-5,
     },
 }
 

@@ -102,6 +102,21 @@ def test_loss_parts():
     assert regions((multi * 2 - 1) * 20, multi)[0] < 0.01 < regions((1 - 2 * multi) * 20, multi)[0]
 
 
+def test_deep_supervision_weights():
+    torch.manual_seed(0)
+    target = torch.randint(0, 2, (1, 1, 8, 8, 8))
+    good = torch.nn.functional.one_hot(target[:, 0], 2).permute(0, 4, 1, 2, 3).float() * 20
+    loss = SegmentationLoss()
+    seg_good, seg_bad = float(loss.seg(good, target.float())), float(loss.seg(-good, target.float()))
+    # default 1, 1/2 normalised: the bad extra output counts 1/3; the model's equal weights: 1/2
+    default = loss(SegmentationOutput(good, deep_supervision=[-good]), target)[1]["seg"]
+    equal = loss(SegmentationOutput(good, deep_supervision=[-good], deep_supervision_weights=[1.0, 1.0]), target)
+    assert default == pytest.approx((2 * seg_good + seg_bad) / 3, rel=1e-5)
+    assert equal[1]["seg"] == pytest.approx((seg_good + seg_bad) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        loss(SegmentationOutput(good, deep_supervision=[-good], deep_supervision_weights=[1.0]), target)
+
+
 def test_checkpoint_round_trip_and_rejects(tmp_path):
     model = create_model("tiny_seg", in_channels=1, out_channels=3, feature_size=4)
     path = save_checkpoint(tmp_path / "m.pt", model, {"in_channels": 1}, epoch=3, rng=ckpt_mod.rng_state())

@@ -46,16 +46,16 @@ from sparseseg.models.stp_mta.completion import PRUNED_MASKS
 log = logging.getLogger(__name__)
 COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
 # Own arguments of the other compared models at the demo's sizes (the data fills in channels and img_size).
-# VeloxSeg: the authors' configuration with a stride-2 stem (at 2 mm their stride-4 stem leaves 8 mm features and
-# a 4x pixel-shuffle head: thin CSF is lost, docs/veloxseg.md), as UNETR here takes patch 8 instead of 16; 48^3 crops
-# give 24, 12, 6, 3 maps. No deep supervision: its half-resolution targets lose the 1-2 voxel CSF, and the demo's
-# UNETR has none (docs/veloxseg.md, three seeds: mean gap to UNETR 3.6 points with it, 1.2 without). Quick: three
-# stages, half the channels, stride 4, window ratio 2 for the 32^3 crops.
+# VeloxSeg: the authors' model with a stride-2 stem (at 2 mm their stride-4 stem leaves 8 mm features and a 4x
+# pixel-shuffle head: thin CSF is lost, docs/veloxseg.md), as UNETR here takes patch 8 instead of 16; 48^3 crops
+# give 24, 12, 6, 3 maps, where the authors' windows fit as at 96^3. No deep supervision: the demo's UNETR has
+# none, so both models train on the same loss. Quick: three stages, half the channels, 2^3 windows for the 32^3
+# crops (maps 8, 4, 2).
 OTHER_ARGS = {
     "full": {"veloxseg": {"stem_stride": 2, "deep_supervision": False},
              "tokenseg": {}},
     "quick": {"veloxseg": {"channels": [8, 16, 32], "num_heads": [1, 2, 2], "head_dim": [4, 4, 8],
-                           "group_channels": [4, 4, 8], "ffn_expansion": [2, 2, 2], "window_ratio": 2},
+                           "group_channels": [4, 4, 8], "ffn_expansion": [2, 2, 2], "window_size": [2, 2, 2]},
               "tokenseg": {"feature_size": 4, "token_size": 32, "num_candidates": 24, "num_keep": 12,
                            "codebook_size": 64, "mixer_depth": 1, "num_heads": 2}},
 }

@@ -3,8 +3,9 @@
 * softmax classes: MONAI ``DiceCELoss`` with Dice and cross-entropy weighted 1:1;
 * sigmoid regions (BraTS TC/WT/ET): MONAI ``DiceLoss`` on sigmoid outputs;
 * both with MONAI's ``squared_pred``, ``smooth_nr`` and ``smooth_dr`` options (config fields of the same names);
-* deep supervision: each lower-resolution output (finest first) is scored against the nearest-resized target
-  with weight 1/2^i (i = 1, 2, ...), and all weights (1 for the main output) are normalised to sum to 1;
+* deep supervision: each extra output (finest first) is scored against the target, nearest-resized to its size,
+  with weight 1/2^i (i = 1, 2, ...) or the model's own ``deep_supervision_weights``; all weights (1 for the main
+  output by default) are normalised to sum to 1;
 * ``aux_losses`` of :class:`~sparseseg.models.common.output.SegmentationOutput` are already weighted: added as they are.
 """
 
@@ -49,7 +50,10 @@ class SegmentationLoss(nn.Module):
             output = SegmentationOutput(output)
         target = target.float()
         outputs = [output.logits, *output.deep_supervision]
-        weights = torch.tensor([1.0] + [0.5**i for i in range(1, len(outputs))])
+        weights = output.deep_supervision_weights or [0.5**i for i in range(len(outputs))]
+        if len(weights) != len(outputs):
+            raise ValueError(f"{len(weights)} deep supervision weights for {len(outputs)} outputs")
+        weights = torch.tensor(weights, dtype=torch.float32)
         weights = weights / weights.sum()
         seg = sum(w * self.seg(o.float(), self._resized_target(target, o.shape[2:]))
                   for w, o in zip(weights, outputs, strict=True))

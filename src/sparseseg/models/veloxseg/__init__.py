@@ -1,5 +1,6 @@
-"""VeloxSeg: :mod:`.model` (the registered ``veloxseg``), :mod:`.blocks` (JLC, paired window attention) and
-:mod:`.sdkt` (Gram-matrix knowledge transfer, training only)."""
+"""VeloxSeg: :mod:`.model` (the registered ``veloxseg``), :mod:`.blocks` (the convolution stream's JLC),
+:mod:`.pwa` (the transformer stream: paired window attention) and :mod:`.sdkt` (Gram-matrix knowledge transfer,
+training only)."""
 
 from __future__ import annotations
 

@@ -20,20 +20,22 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 def sdkt_losses(
-    reconstructions: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
+    reconstruction: torch.Tensor,
+    inputs: torch.Tensor,
     seg_gram: torch.Tensor,
     recon_grams: Sequence[torch.Tensor],
     recon_weight: float = 0.5,
     gram_weight: float = 2.0,
+    detach_teacher: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Weighted SDKT losses, each averaged over the modalities.
+    """Weighted SDKT losses, as the authors compute them.
 
-    * ``sdkt_recon``: MSE between each modality's reconstruction ``[B, m_i, D, H, W]`` and its input.
-    * ``sdkt_gram``: MSE between the segmentation Gram matrix ``[B, C, C]`` and each reconstruction decoder's Gram
-      matrix. The reconstruction side is the teacher (detached): the transfer moves the segmentation decoder
-      towards the self-supervised texture statistics, not the other way round.
+    * ``sdkt_recon``: MSE between the modalities' reconstructions, concatenated ``[B, in_channels, D, H, W]``,
+      and the input.
+    * ``sdkt_gram``: MSE between the segmentation Gram matrix ``[B, C, C]`` and each reconstruction decoder's,
+      averaged over the modalities. The gradient flows into both sides; ``detach_teacher`` stops it on the
+      reconstruction side (a one-way transfer from the self-supervised teacher).
     """
-    recon = torch.stack([F.mse_loss(r, x) for r, x in zip(reconstructions, inputs, strict=True)]).mean()
-    gram = torch.stack([F.mse_loss(seg_gram, g.detach()) for g in recon_grams]).mean()
+    recon = F.mse_loss(reconstruction, inputs)
+    gram = torch.stack([F.mse_loss(seg_gram, g.detach() if detach_teacher else g) for g in recon_grams]).mean()
     return {"sdkt_recon": recon_weight * recon, "sdkt_gram": gram_weight * gram}
