@@ -185,7 +185,7 @@ TINY_MODELS: dict[str, dict] = {
                  "num_heads": 2, "tokens_per_level": (40, 30, 20, 8), "num_candidates": 98, "num_keep": 24,
                  "codebook_size": 64, "mixer_depth": 1},
     "veloxseg": {"in_channels": 2, "out_channels": 3, "img_size": 24, "modalities": (1, 1), "channels": (8, 16),
-                 "num_heads": (1, 2), "head_dim": (4, 8), "group_channels": (4, 8)},
+                 "num_heads": (1, 2), "head_dim": (4, 8), "group_channels": (4, 8), "window_size": (3, 3)},
 }
 LIBRARY_MODELS = [name for name in list_models() if _MODELS[name].__module__.startswith("sparseseg.")]
 
