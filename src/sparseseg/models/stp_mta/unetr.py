@@ -22,6 +22,7 @@ import torch.nn as nn
 from sparseseg.models.common.decoders import DECODERS, build_decoder
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
+from sparseseg.models.common.sparse_decoding import SparseDecoding
 from sparseseg.models.common.tokens import num_keep
 from sparseseg.models.common.vit import ViT3d, tokens_to_map
 from sparseseg.models.stp_mta.completion import build_completion
@@ -29,7 +30,8 @@ from sparseseg.models.stp_mta.pruning import SparseEncoding, SparseViTEncoder
 
 DEFAULT_SKIPS = {"original": (4, 7, 10), "v2": (3, 6, 9), "v1": (4, 8)}  # "original" = MONAI's hidden_states_out[3/6/9]
 _VIT_B = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
-PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"}, "brats": {"patch_size": 8, "decoder": "v1"}}
+PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"},
+                 "brats": {"patch_size": 8, "decoder": "v1", "sigmoid": True}}
 PRESETS_SPARSE = {"btcv": {**PRESETS_DENSE["btcv"], "prune_ratio": 0.9},
                   "brats": {**PRESETS_DENSE["brats"], "prune_ratio": 0.75}}
 
@@ -44,17 +46,32 @@ class _UnetrBase(nn.Module):
     """Decoder parts shared by both models; the subclass registers the ViT (``self.vit`` or ``self.encoder.vit``)."""
 
     def __init__(self, *, vit: ViT3d, in_channels: int, out_channels: int, patch_size: int, feature_size: int,
-                 norm_name: str | tuple, decoder: str | None):
+                 norm_name: str | tuple, decoder: str | None, refine_fraction: float, refine_score: str,
+                 refine_block: int | None, sigmoid: bool):
         super().__init__()
         decoder = _default_decoder(decoder, patch_size)
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; valid decoders: {', '.join(DECODERS)}")
         self.grid_size = vit.grid_size
+        self.patch_size = patch_size
         self.num_layers = len(vit.blocks)
         self.decoder_name = decoder
         self.decoder = build_decoder(decoder, patch_size=patch_size, grid_size=self.grid_size, in_channels=in_channels,
                                      out_channels=out_channels, hidden_size=vit.hidden_size,
                                      feature_size=feature_size, norm_name=norm_name)
+        self.sparse_decoding = SparseDecoding(2 * feature_size, out_channels, refine_fraction=refine_fraction,
+                                              refine_score=refine_score, sigmoid=sigmoid,
+                                              block_size=patch_size if refine_block is None else refine_block)
+
+    @property
+    def refine_fraction(self) -> float:
+        """Share of the full-resolution blocks the decoder computes, in (0, 1]; 1 = dense decoding (the paper's).
+        A plain runtime attribute: the parameters do not depend on it."""
+        return self.sparse_decoding.refine_fraction
+
+    @refine_fraction.setter
+    def refine_fraction(self, value: float) -> None:
+        self.sparse_decoding.refine_fraction = value
 
     def layer_id(self, name: str) -> int:
         """Layer-wise lr decay id of a parameter: 0 = embeddings and [CLS], ``b + 1`` = block ``b`` (0-based),
@@ -69,11 +86,12 @@ class _UnetrBase(nn.Module):
         return self.num_layers + 1
 
     def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor,
-                aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor | SegmentationOutput:
-        logits = self.decoder(x, skips, bottleneck)  # [B, out_channels, D, H, W]
+                aux_losses: dict[str, torch.Tensor] | None = None,
+                depth: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+        logits, coarse = self.sparse_decoding(self.decoder, x, list(skips), bottleneck, depth, self.patch_size)
         if not self.training:
-            return logits
-        return SegmentationOutput(logits, dict(aux_losses or {}))
+            return logits  # [B, out_channels, D, H, W]
+        return SegmentationOutput(logits, dict(aux_losses or {}), deep_supervision=[coarse])
 
 
 @register_model("unetr", presets=PRESETS_DENSE)
@@ -89,6 +107,13 @@ class UNETR(_UnetrBase):
         decoder: "original" | "v1" | "v2"; None = "original" for patch 16, "v2" for patch 8.
         skip_layers: 1-based blocks whose outputs feed the decoder skips, shallow to deep; None = the decoder's
             default (original 4/7/10 = MONAI's taps, v2 3/6/9, v1 4/8).
+        refine_fraction: share of the full-resolution blocks decoded, in (0, 1]; 1 = dense decoding. A runtime
+            attribute (:mod:`~sparseseg.models.common.sparse_decoding`).
+        refine_score: where to refine below 1: "margin" | "entropy" (uncertainty of the coarse prediction) |
+            "depth" (STP pruning depth; the dense model falls back to "margin").
+        refine_block: full-resolution side of a refined block (even); None = ``patch_size``.
+        sigmoid: outputs are sigmoid regions (BraTS) rather than softmax classes: how the coarse prediction's
+            uncertainty is read (set from the data by ``sparseseg train``).
 
     Examples:
         >>> model = UNETR(in_channels=1, out_channels=2, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
@@ -101,12 +126,15 @@ class UNETR(_UnetrBase):
                  patch_size: int = 8, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
                  num_layers: int = 12, num_heads: int = 12, dropout_rate: float = 0.0, qkv_bias: bool = True,
                  norm_name: str | tuple = "instance", decoder: str | None = None,
-                 skip_layers: Sequence[int] | None = None):
+                 skip_layers: Sequence[int] | None = None, refine_fraction: float = 1.0, refine_score: str = "margin",
+                 refine_block: int | None = None, sigmoid: bool = False):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
-                         feature_size=feature_size, norm_name=norm_name, decoder=decoder)
+                         feature_size=feature_size, norm_name=norm_name, decoder=decoder,
+                         refine_fraction=refine_fraction, refine_score=refine_score, refine_block=refine_block,
+                         sigmoid=sigmoid)
         self.vit = vit
         skips = tuple(DEFAULT_SKIPS[self.decoder_name] if skip_layers is None else (int(s) for s in skip_layers))
         if len(skips) != self.decoder.num_skips or any(not 1 <= s <= num_layers for s in skips):
@@ -149,6 +177,7 @@ class STPMTAUNETR(_UnetrBase):
         tau: soft top-K temperature (paper Table 4d: 0.01, 0.1, 1).
         completion_size, completion_depth, completion_heads: width C (divisible by 6), blocks and heads of the
             completion Transformer (768, 1, 12).
+        refine_fraction, refine_score, refine_block, sigmoid: sparse decoding, as in :class:`UNETR`.
 
     Examples:
         >>> model = STPMTAUNETR(in_channels=1, out_channels=2, img_size=32, hidden_size=48, mlp_dim=96,
@@ -164,12 +193,15 @@ class STPMTAUNETR(_UnetrBase):
                  norm_name: str | tuple = "instance", decoder: str | None = None, prune_ratio: float = 0.75,
                  prune_after: Sequence[int] = (3, 6, 9), scorer: str = "mlp", completion: str = "mta",
                  perturbation: str = "gumbel", tau: float = 1.0, completion_size: int = 768,
-                 completion_depth: int = 1, completion_heads: int = 12):
+                 completion_depth: int = 1, completion_heads: int = 12, refine_fraction: float = 1.0,
+                 refine_score: str = "margin", refine_block: int | None = None, sigmoid: bool = False):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
-                         feature_size=feature_size, norm_name=norm_name, decoder=decoder)
+                         feature_size=feature_size, norm_name=norm_name, decoder=decoder,
+                         refine_fraction=refine_fraction, refine_score=refine_score, refine_block=refine_block,
+                         sigmoid=sigmoid)
         self.prune_ratio = prune_ratio
         self.encoder = SparseViTEncoder(vit, prune_after, scorer=scorer, perturbation=perturbation, tau=tau)
         self.completion = build_completion(completion, num_groups=len(self.encoder.prune_after) + 1,
@@ -201,7 +233,7 @@ class STPMTAUNETR(_UnetrBase):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
         enc = self.forward_encoder(x)
         feat = tokens_to_map(self.completion(enc), self.grid_size)  # [B, N, C] -> [B, C, d, h, w]
-        return self._decode(x, [feat] * self.decoder.num_skips, feat, enc.aux_losses)
+        return self._decode(x, [feat] * self.decoder.num_skips, feat, enc.aux_losses, enc.depth)
 
     @torch.no_grad()
     def pruning_policy(self, x: torch.Tensor) -> torch.Tensor:
