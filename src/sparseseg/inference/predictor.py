@@ -55,6 +55,17 @@ def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | N
                          source)
 
 
+def set_refine_fraction(model: nn.Module, refine_fraction: float, source: str | Path | None = None) -> None:
+    """Test-time sparse decoding: the ``refine_fraction`` attribute (share of the full-resolution blocks decoded,
+    in (0, 1], 1 = dense); a model without sparse decoding raises InputError."""
+    if not 0.0 < refine_fraction <= 1.0:
+        raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}", source)
+    if not hasattr(model, "refine_fraction"):
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no sparse decoding "
+                         "(refine fraction)", source)
+    model.refine_fraction = refine_fraction
+
+
 def collect_cases(inputs: str | Path | Sequence[str | Path], in_channels: int,
                   failures: list[InputError] | None = None) -> dict[str, list[Path]]:
     """Group input NIfTI files (files and/or folders) into cases ``{name: [channel files]}``.
@@ -163,7 +174,8 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False) -> list[Path]:
+            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
+            refine_fraction: float | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz``.
 
     Args:
@@ -179,6 +191,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             CPU for volumes too large for the GPU), ``cpu``, ``cuda``, ...
         cuda_graphs: on a CUDA ``device``, run the windows as replays of CUDA graphs captured per window-batch
             shape (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); no effect on the CPU.
+        refine_fraction: test-time share of the full-resolution blocks decoded by a model with sparse decoding
+            (None keeps the checkpoint's; 1 = dense decoding).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -207,6 +221,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     model = model_from_checkpoint(ckpt, checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
+    if refine_fraction is not None:
+        set_refine_fraction(model, refine_fraction, checkpoint)
     model.to(dev).eval()
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
     pipeline = build_transforms(data_cfg, "infer")

@@ -122,6 +122,17 @@ def select_blocks(scores: torch.Tensor, num: int, lattice: list[int] | None = No
     return BlockSelection(idx, weight)
 
 
+def check_decoder(decoder: UnetrDecoder) -> None:
+    """ValueError unless sparse decoding can run ``decoder``'s full-resolution level: instance norms, stride-1
+    3^3 / 1^3 convolutions and a 2^3 stride-2 transposed convolution in the last up block."""
+    blocks = (decoder.encoder1.layer, decoder.decoder2.conv_block)
+    for norm in (getattr(blk, n) for blk in blocks for n in ("norm1", "norm2", "norm3") if hasattr(blk, n)):
+        _instance_norm(norm)
+    up = decoder.decoder2.transp_conv.conv
+    if up.kernel_size != (2, 2, 2) or up.stride != (2, 2, 2):
+        raise ValueError("sparse decoding needs the last up block to upsample with a 2^3, stride-2 transposed conv")
+
+
 def _instance_norm(norm: nn.Module) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
     """eps, weight and bias of a supported norm; ValueError for any other."""
     if isinstance(norm, ChannelInstanceNorm3d):
@@ -203,8 +214,6 @@ def refine_blocks(decoder: UnetrDecoder, x: torch.Tensor, coarse: torch.Tensor, 
     image = gather_blocks(x, sel.idx, block, IMAGE_HALO)  # [N, C_in, b + 8, ...], zeros outside the map
     enc1 = blocks.mask(_res_block(decoder.encoder1.layer, image, IMAGE_HALO, blocks), IMAGE_HALO - 2)
     up = decoder.decoder2.transp_conv.conv
-    if up.kernel_size != (2, 2, 2) or up.stride != (2, 2, 2):
-        raise ValueError("sparse decoding needs the last up block to upsample with a 2^3, stride-2 transposed conv")
     low = gather_blocks(coarse, sel.idx, block // 2, COARSE_HALO)  # [N, 2F, b/2 + 2, ...]
     up = blocks.mask(F.conv_transpose3d(low, up.weight, up.bias, stride=2), 2 * COARSE_HALO)  # [N, F, b + 4, ...]
     y = _res_block(decoder.decoder2.conv_block, torch.cat([up, enc1], 1), 2 * COARSE_HALO, blocks)  # [N, F, b, ...]

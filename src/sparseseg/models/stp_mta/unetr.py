@@ -22,7 +22,7 @@ import torch.nn as nn
 from sparseseg.models.common.decoders import DECODERS, build_decoder
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
-from sparseseg.models.common.sparse_decoding import SparseDecoding
+from sparseseg.models.common.sparse_decoding import SparseDecoding, check_decoder
 from sparseseg.models.common.tokens import num_keep
 from sparseseg.models.common.vit import ViT3d, tokens_to_map
 from sparseseg.models.stp_mta.completion import build_completion
@@ -62,6 +62,7 @@ class _UnetrBase(nn.Module):
         self.sparse_decoding = SparseDecoding(2 * feature_size, out_channels, refine_fraction=refine_fraction,
                                               refine_score=refine_score, sigmoid=sigmoid,
                                               block_size=patch_size if refine_block is None else refine_block)
+        self.refine_fraction = refine_fraction  # checks the decoder when below 1
 
     @property
     def refine_fraction(self) -> float:
@@ -71,6 +72,8 @@ class _UnetrBase(nn.Module):
 
     @refine_fraction.setter
     def refine_fraction(self, value: float) -> None:
+        if float(value) < 1.0:
+            check_decoder(self.decoder)  # ValueError for a decoder it cannot run (e.g. batch norm)
         self.sparse_decoding.refine_fraction = value
 
     def layer_id(self, name: str) -> int:
