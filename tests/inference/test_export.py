@@ -29,8 +29,9 @@ def _checkpoint(tmp_path, name: str):
     return save_checkpoint(tmp_path / f"{name}.pt", model, data.to_dict())
 
 
-def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None) -> np.ndarray:
-    graph, _ = load_for_export(ckpt, prune_ratio)
+def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None,
+               refine_fraction: float | None = None) -> np.ndarray:
+    graph, _ = load_for_export(ckpt, prune_ratio, refine_fraction)
     with torch.no_grad():
         return graph(x).numpy()
 
@@ -67,6 +68,28 @@ def test_torchscript_matches_pytorch(tmp_path, name):
     with torch.no_grad():
         logits = torch.jit.load(str(out))(x).numpy()
     np.testing.assert_allclose(logits, _reference(ckpt, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_sparse_decoding_exports(tmp_path, fmt):
+    """A refine fraction below 1 exports its block selection (TopK), gathers and scatter of refined blocks; the
+    graph gives PyTorch's sparse-decoded logits for a batch other than the exported one."""
+    ckpt = _checkpoint(tmp_path, "stp_mta_unetr")
+    out = tmp_path / ("sparse.onnx" if fmt == "onnx" else "sparse.ts.pt")
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out),
+                 "--refine-fraction", "0.5"]) == 0
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    want = _reference(ckpt, x, refine_fraction=0.5)
+    assert not np.allclose(want, _reference(ckpt, x), atol=1e-3)  # half of the blocks come from the coarse fill
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+        assert {"TopK", "ScatterND", "ConvTranspose"} <= {n.op_type for n in onnx.load(str(out)).graph.node}
+        (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(out))(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_export_refuses_bad_checkpoint_and_output(tmp_path, capsys):

@@ -206,6 +206,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if refine_fraction is not None and not 0.0 < refine_fraction <= 1.0:
+        raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}")
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
     failures: list[InputError] = []

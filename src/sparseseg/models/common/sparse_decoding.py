@@ -117,7 +117,7 @@ def select_blocks(scores: torch.Tensor, num: int, lattice: list[int] | None = No
     idx, order = top.indices.sort(dim=1)  # [B, K]
     picked_lattice = on_lattice[idx]  # [B, K]
     stands_in = picked_lattice & (scores.gather(1, idx) < threshold)  # lattice blocks the score would not pick
-    stands_in = torch.where(stands_in.any(1, keepdim=True), stands_in, picked_lattice)
+    stands_in = stands_in | (picked_lattice & ~stands_in.any(1, keepdim=True))  # none of them: all lattice blocks
     weight = 1.0 + stands_in.to(scores.dtype) * (nb - num) / stands_in.sum(1, keepdim=True).to(scores.dtype)
     return BlockSelection(idx, weight)
 
