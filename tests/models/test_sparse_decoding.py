@@ -15,7 +15,6 @@ from sparseseg.models.common.sparse_decoding import (
     BlockSelection,
     _Blocks,
     block_scores,
-    lattice_blocks,
     refine_blocks,
     select_blocks,
     uncertainty,
@@ -56,7 +55,7 @@ def test_every_block_refined_is_dense_decoding(name, decoder, patch, img, block)
     with torch.no_grad():
         dense = model(x)
         idx = torch.arange(nb).expand(2, nb)
-        sel = select_blocks(torch.randn(2, nb), nb, lattice_blocks(block_grid(size, block)))
+        sel = select_blocks(torch.randn(2, nb), nb)
         assert torch.equal(sel.idx, idx) and torch.equal(sel.weight, torch.ones(2, nb))
         refined = refine_blocks(model.decoder, x, _coarse_map(model, x), sel, block)
     out = scatter_blocks(torch.zeros_like(dense), idx, refined, block)
@@ -85,26 +84,31 @@ def test_norm_statistics_are_weighted_over_block_interiors_inside_the_map():
         torch.testing.assert_close(got[3 * b:3 * b + 3], want, atol=1e-5, rtol=1e-5)
 
 
-def test_selection_takes_the_lattice_and_the_top_scores_and_weighs_the_rest():
-    grid = (6, 6, 6)
-    nb = math.prod(grid)
-    lattice = lattice_blocks(grid)
-    assert len(lattice) == 8 and all(0 <= n < nb for n in lattice)
+def test_selection_takes_the_top_scores_and_stand_ins_for_the_rest():
+    nb, num = 216, 54
     torch.manual_seed(0)
     scores = torch.rand(3, nb)
-    sel = select_blocks(scores, 54, lattice)
-    assert sel.idx.shape == (3, 54) and torch.equal(sel.idx, sel.idx.sort(1).values)
+    sel = select_blocks(scores, num)
+    stand_ins = math.ceil((nb - num) / 7)  # 24 stand-ins, each for 7 blocks left to the fill and itself
+    assert sel.idx.shape == (3, num) and torch.equal(sel.idx, sel.idx.sort(1).values)
     for b in range(3):
-        chosen = set(sel.idx[b].tolist())
-        assert set(lattice) <= chosen
-        others = [n for n in range(nb) if n not in lattice]
-        best = sorted(others, key=lambda n: -scores[b, n].item())[:54 - len(lattice)]
-        assert chosen == set(lattice) | set(best)
-    # every block is counted once in the statistics: the refined ones by themselves, the others by lattice blocks
+        ranked = scores[b].argsort(descending=True).tolist()
+        chosen = sel.idx[b].tolist()
+        assert set(ranked[: num - stand_ins]) <= set(chosen)  # the best scores
+        rest = ranked[num - stand_ins:]
+        run = len(rest) / stand_ins
+        for j in range(stand_ins):  # one block from the middle of each run of the rest, by score
+            assert rest[int((j + 0.5) * run)] in chosen
+        weights = dict(zip(chosen, sel.weight[b].tolist(), strict=True))
+        assert all(weights[n] == 1.0 for n in ranked[: num - stand_ins])
+    # every block is counted once in the statistics: the best ones by themselves, the rest through stand-ins
     torch.testing.assert_close(sel.weight.sum(1), torch.full((3,), float(nb)))
-    assert (sel.weight >= 1).all()
-    plain = select_blocks(scores, 10, lattice)  # too few blocks for the lattice: the top scores alone, weight 1
+    jittered = select_blocks(scores, num, jitter=True)  # training: a random block of each run
+    torch.testing.assert_close(jittered.weight.sum(1), torch.full((3,), float(nb)))
+    plain = select_blocks(scores, 10, stratified=False)  # the top scores alone, weight 1
     assert torch.equal(plain.idx, scores.topk(10, 1).indices.sort(1).values) and (plain.weight == 1).all()
+    everything = select_blocks(scores, nb)
+    assert torch.equal(everything.idx, torch.arange(nb).expand(3, nb)) and (everything.weight == 1).all()
 
 
 def test_uncertainty_reads_softmax_and_sigmoid_outputs():
@@ -118,16 +122,19 @@ def test_uncertainty_reads_softmax_and_sigmoid_outputs():
     assert uncertainty(tie, False, "margin").item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_block_scores_pool_each_block_and_depth_ranks_first():
-    logits = torch.full((1, 2, 8, 8, 8), -5.0)
-    logits[:, 0] = 5.0
-    logits[0, :, 1, 1, 1] = 0.0  # one uncertain voxel in block 0 of the 2 x 2 x 2 blocks of side 8 (4 at half res)
-    scores = block_scores(logits, 8, sigmoid=False)
-    assert scores.shape == (1, 8) and scores.argmax().item() == 0 and scores[0, 1:].max() < 1e-3
+def test_block_scores_average_each_block_and_depth_ranks_first():
+    fill = torch.full((1, 2, 16, 16, 16), -5.0)
+    fill[:, 0] = 5.0
+    fill[0, :, 1, 1, 1] = 0.0  # one uncertain voxel in block 0 of the 2 x 2 x 2 blocks of side 8
+    fill[0, :, 8:, 8:10, 8:] = 0.0  # a quarter of block 7 uncertain
+    scores = block_scores(fill, 8, sigmoid=False)
+    assert scores.shape == (1, 8) and scores[0, 7] == pytest.approx(0.25, abs=1e-3)
+    assert scores[0, 0] == pytest.approx(1 / 512, abs=1e-3)
+    assert scores[0, 1:7].max() < 1e-3
     depth = torch.full((1, 8), 3)
     depth[0, 5] = 12  # the token over block 5 was kept to the last block
-    ranked = block_scores(logits, 8, sigmoid=False, kind="depth", depth=depth, patch_size=8)
-    assert ranked.argmax().item() == 5 and ranked[0, 0] > ranked[0, 1]  # ties broken by the margin
+    ranked = block_scores(fill, 8, sigmoid=False, kind="depth", depth=depth, patch_size=8)
+    assert ranked.argmax().item() == 5 and ranked[0, 7] > ranked[0, 0] > ranked[0, 1]  # ties broken by uncertainty
 
 
 @pytest.mark.parametrize("fraction", [0.25, 1.0])
@@ -137,11 +144,12 @@ def test_training_returns_coarse_logits_and_reaches_both_levels(fraction):
     x, y = torch.randn(2, 2, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
     out = model(x, target=y)
     assert out.logits.shape == (2, 3, 32, 32, 32)
-    assert [d.shape for d in out.deep_supervision] == [(2, 3, 16, 16, 16)]
+    assert [d.shape for d in out.deep_supervision] == [(2, 3, 32, 32, 32)]  # the fill, trained everywhere
     (out.logits.square().mean() + out.deep_supervision[0].square().mean()).backward()
     dec = model.decoder
     for param in (dec.encoder1.layer.conv1.conv.weight, dec.decoder2.conv_block.conv2.conv.weight,
-                  model.sparse_decoding.coarse_head.conv.conv.weight, dec.encoder2.transp_conv_init.conv.weight):
+                  model.sparse_decoding.coarse_head.conv.conv.weight, model.sparse_decoding.image_head.weight,
+                  dec.encoder2.transp_conv_init.conv.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 

@@ -1,30 +1,32 @@
 """Sparse decoding: a UNETR decoder's full-resolution level computed only where it matters (coarse to fine).
 
-Every level below full resolution is decoded densely (:meth:`~.decoders.UnetrDecoder.decode_coarse`). A 1x1x1
-*coarse head* reads that half-resolution map and predicts coarse logits; upsampled (trilinear) they are the output
-everywhere the decoder does not refine. The full-resolution level (``encoder1`` on the image, the last up block,
-the head) runs only on ``K = ceil(refine_fraction x num_blocks)`` cubes of ``block`` voxels per image, each cut out
-with the halo its convolutions need (4 voxels of the image, 1 of the half-resolution map), through the same
-weights as the dense level, with unpadded convolutions; the refined logits overwrite the fill.
+Every level below full resolution is decoded densely (:meth:`~.decoders.UnetrDecoder.decode_coarse`). The *fill*
+is a cheap prediction at full resolution: a 1x1x1 coarse head on that half-resolution map, upsampled (trilinear),
+plus a 3^3 linear term of the image (the intensity edges a half-resolution map cannot hold). The full-resolution
+level (``encoder1`` on the image, the last up block, the head) runs only on ``K = ceil(refine_fraction x
+num_blocks)`` cubes of ``block_size`` voxels per image, each cut out with the halo its convolutions need (4 voxels
+of the image, 1 of the half-resolution map), through the same weights as the dense level, with unpadded
+convolutions (voxels outside the map zeroed before every convolution, as the dense padding is); the refined logits
+overwrite the fill.
 
-**Where to refine** (``refine_score``): ``"margin"`` ranks blocks by the largest uncertainty of the coarse
-prediction inside them, 1 minus the margin between the two most probable classes (softmax) or 1 - |2p - 1| of the
-least certain region (sigmoid); ``"entropy"`` by the largest normalised entropy; ``"depth"`` by the STP pruning
-depth of the token under the block (kept longest first), ties broken by the margin (the dense ``unetr`` has no
-depth: margin alone).
+**Where to refine** (``refine_score``): ``"margin"`` ranks blocks by the mean uncertainty of the fill over their
+voxels, 1 minus the margin between the two most probable classes (softmax) or 1 - |2p - 1| of the least certain
+region (sigmoid); ``"entropy"`` by the mean normalised entropy; ``"depth"`` by the STP pruning depth of the tokens
+under the block (kept longest first), ties broken by the margin (the dense ``unetr`` has no depth: margin alone).
 
 **Instance-norm statistics.** Instance norm normalises with the mean and variance of a channel over the *whole*
 map, which gathered blocks do not see. Each norm here takes a weighted mean and variance over the interiors of the
-refined blocks (their halos excluded, voxels outside the map excluded), per image and channel, in two passes. The
-refined set always contains a regular lattice of blocks (every third block along each axis, a random offset in
-training), and the lattice blocks that the score alone would not have chosen stand for the blocks left
-unrefined: each gets the weight ``1 + unrefined / (such lattice blocks)``. The statistics are thus exact over the
-refined region and a stratified estimate over the rest; at ``refine_fraction`` 1 every block has weight 1 and they
-are the dense statistics, so the output equals dense decoding within float32 rounding. Only instance norm
-(``"instance"``, with or without affine) is supported.
+refined blocks (halos and voxels outside the map excluded), per image and channel. With ``statistics="stratified"``
+(the default) part of the budget goes to *stand-ins*: the blocks the score leaves to the fill, ranked by score, are
+cut into ``m = ceil((num_blocks - K) / 7)`` equal runs, one block of each run (its middle; a random one in
+training) is refined too and weighs as many blocks as its run holds. The statistics are then exact over the
+best-scoring blocks and a stratified sample estimate over the rest; with ``"refined"`` they come from the
+best-scoring blocks alone, a biased sample (uncertain regions). At ``refine_fraction`` 1 every block has weight 1
+and the statistics are the dense ones, so the output equals dense decoding within float32 rounding. Only instance
+norm (``"instance"``, with or without affine) is supported.
 
-The dense path (``refine_fraction`` 1 at inference) does not run the coarse head, so its MACs are the paper
-model's; in training the coarse logits are always returned for deep supervision.
+The dense path (``refine_fraction`` 1 at inference) runs neither the fill nor the selection, so its MACs are the
+paper model's; in training the fill is always returned, for deep supervision.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock
 
 from sparseseg.models.common.blocks import block_grid, centre, gather_blocks, inside_mask, scatter_blocks
+from sparseseg.models.common.conv import eager_cpu
 from sparseseg.models.common.decoders import UnetrDecoder
 from sparseseg.models.common.norms import ChannelInstanceNorm3d
 
 REFINE_SCORES = ("margin", "entropy", "depth")
-STATISTICS = ("lattice", "refined")
-LATTICE_STEP = 3  # every third block along each axis joins the refined set (1/27 of the blocks)
+STATISTICS = ("stratified", "refined")
+STRATUM = 8  # each stand-in block represents this many blocks left to the fill
 IMAGE_HALO = 4  # voxels around a block: two 3^3 convs in encoder1 and two in the last up block
 COARSE_HALO = 1  # half-resolution voxels: the transposed conv doubles it to the 2 the up block's convs need
 
@@ -66,59 +69,54 @@ def uncertainty(logits: torch.Tensor, sigmoid: bool, kind: str = "margin") -> to
     return 1 - (top[:, 0] - top[:, -1]) if top.shape[1] == 2 else torch.zeros_like(top[:, 0])
 
 
-def block_scores(coarse_logits: torch.Tensor, block: int, sigmoid: bool, kind: str = "margin",
+def block_scores(fill: torch.Tensor, block: int, sigmoid: bool, kind: str = "margin",
                  depth: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
     """Score of every full-resolution block (larger = refine first): ``[B, num_blocks]``.
 
-    ``coarse_logits`` ``[B, C, D/2, H/2, W/2]``; ``block`` the full-resolution block side (even). ``kind="depth"``
-    needs the pruning depth ``[B, N]`` of the tokens on the patch grid (``patch_size``): a block scores the largest
-    depth of the tokens it overlaps, plus half its margin score (ties)."""
-    u = uncertainty(coarse_logits, sigmoid, "entropy" if kind == "entropy" else "margin")
-    half = block // 2
-    score = F.max_pool3d(u.unsqueeze(1), half, half, ceil_mode=True).flatten(1)  # [B, 1, *grid] -> [B, nb]
+    ``fill`` ``[B, C, D, H, W]``: the coarse prediction at full resolution; a block scores the mean uncertainty of
+    its voxels (the expected share of them the fill gets wrong). ``kind="depth"`` needs the pruning depth ``[B, N]``
+    of the tokens on the patch grid (``patch_size``): a block scores the largest depth of the tokens it overlaps,
+    plus its uncertainty score (in [0, 1]: ties only)."""
+    u = uncertainty(fill, sigmoid, "entropy" if kind == "entropy" else "margin").unsqueeze(1)  # [B, 1, D, H, W]
+    score = F.avg_pool3d(u, block, block, ceil_mode=True, count_include_pad=False).flatten(1)  # -> [B, nb]
     if kind != "depth" or depth is None:
         return score
-    full = [2 * s for s in coarse_logits.shape[2:]]
-    grid = [s // patch_size for s in full]
+    grid = [s // patch_size for s in fill.shape[2:]]
     dmap = depth.to(score.dtype).view(depth.shape[0], 1, *grid)  # [B, N] -> [B, 1, gd, gh, gw]
-    dmap = F.interpolate(dmap, size=full, mode="nearest")  # the depth of the token over every voxel
-    return F.max_pool3d(dmap, block, block, ceil_mode=True).flatten(1) + 0.5 * score
+    dmap = F.interpolate(dmap, size=list(fill.shape[2:]), mode="nearest")  # the depth of the token over each voxel
+    return F.max_pool3d(dmap, block, block, ceil_mode=True).flatten(1) + score
 
 
 @dataclass
 class BlockSelection:
     """Refined blocks ``idx`` ``[B, K]`` (ascending block numbers) and the weight ``[B, K]`` of each in the norm
-    statistics (1, or more for a lattice block standing for unrefined ones)."""
+    statistics (1, or more for a block standing in for unrefined ones)."""
 
     idx: torch.Tensor
     weight: torch.Tensor
 
 
-def lattice_blocks(grid: tuple[int, int, int], offset: tuple[int, int, int] = (1, 1, 1),
-                   step: int = LATTICE_STEP) -> list[int]:
-    """Block numbers of the regular lattice ``(offset + step * n)`` along each axis (at least one per axis)."""
-    axes = [list(range(min(o, g - 1), g, step)) for o, g in zip(offset, grid, strict=True)]
-    return [(i * grid[1] + j) * grid[2] + k for i in axes[0] for j in axes[1] for k in axes[2]]
+def select_blocks(scores: torch.Tensor, num: int, stratified: bool = True, jitter: bool = False) -> BlockSelection:
+    """The ``num`` blocks to refine per image from ``scores`` ``[B, nb]`` (module docstring).
 
-
-def select_blocks(scores: torch.Tensor, num: int, lattice: list[int] | None = None) -> BlockSelection:
-    """The ``num`` blocks to refine per image from ``scores`` ``[B, nb]``: the ``lattice`` blocks (when given and
-    ``num`` holds them twice over) and the highest-scoring others; weights as in the module docstring."""
+    Without ``stratified`` the ``num`` best scores, each of weight 1. With it, ``m = ceil((nb - num) / 7)`` of the
+    ``num`` go to stand-ins: the blocks the score leaves out (ranked by score) are cut into ``m`` equal runs and one
+    block of each run (its middle, or a random one with ``jitter``) is refined and weighted by the length of its
+    run, so that the weights add up to ``nb`` and every stand-in represents about 8 blocks like it."""
     b, nb = scores.shape
     num = max(1, min(int(num), nb))
-    if not lattice or num < 2 * len(lattice) or num == nb:
+    stand_ins = min(math.ceil((nb - num) / (STRATUM - 1)), num - 1) if stratified else 0
+    if stand_ins == 0:
         idx = scores.topk(num, dim=1).indices.sort(dim=1).values  # [B, K]
         return BlockSelection(idx, scores.new_ones(idx.shape))
-    on_lattice = torch.zeros(nb, dtype=torch.bool, device=scores.device)
-    on_lattice[lattice] = True
-    ranked = scores.masked_fill(on_lattice, float("inf"))
-    top = ranked.topk(num, dim=1)  # lattice first, then the best of the others
-    threshold = top.values[:, -1:]  # [B, 1]: the weakest block chosen by its score
-    idx, order = top.indices.sort(dim=1)  # [B, K]
-    picked_lattice = on_lattice[idx]  # [B, K]
-    stands_in = picked_lattice & (scores.gather(1, idx) < threshold)  # lattice blocks the score would not pick
-    stands_in = stands_in | (picked_lattice & ~stands_in.any(1, keepdim=True))  # none of them: all lattice blocks
-    weight = 1.0 + stands_in.to(scores.dtype) * (nb - num) / stands_in.sum(1, keepdim=True).to(scores.dtype)
+    order = scores.argsort(dim=1, descending=True)  # [B, nb]
+    best, rest = order[:, : num - stand_ins], order[:, num - stand_ins:]  # rest: [B, R] still ranked by score
+    run = rest.shape[1] / stand_ins
+    offset = torch.rand(b, stand_ins, device=scores.device) if jitter else torch.full((b, stand_ins), 0.5,
+                                                                                      device=scores.device)
+    pos = ((torch.arange(stand_ins, device=scores.device) + offset) * run).long()  # [B, m] one rank per run
+    idx, order_in = torch.cat([best, rest.gather(1, pos)], dim=1).sort(dim=1)  # [B, K]
+    weight = torch.cat([scores.new_ones(best.shape), scores.new_full(pos.shape, run)], dim=1).gather(1, order_in)
     return BlockSelection(idx, weight)
 
 
@@ -221,9 +219,10 @@ def refine_blocks(decoder: UnetrDecoder, x: torch.Tensor, coarse: torch.Tensor, 
 
 
 class SparseDecoding(nn.Module):
-    """The coarse head and the refinement settings of a UNETR decoder (module docstring).
+    """The coarse prediction and the refinement settings of a UNETR decoder (module docstring).
 
     Args:
+        in_channels: image channels (the fill's image term reads the image).
         coarse_channels: channels of the half-resolution map (``2 x feature_size``).
         out_channels: output channels.
         refine_fraction: share of the full-resolution blocks refined, in (0, 1]; 1 = dense decoding. A runtime
@@ -231,12 +230,13 @@ class SparseDecoding(nn.Module):
         refine_score: ``"margin"`` | ``"entropy"`` | ``"depth"``.
         block_size: full-resolution side of a refined block (even).
         sigmoid: the outputs are independent sigmoid regions (else softmax classes): how uncertainty is read.
-        statistics: ``"lattice"`` (module docstring) or ``"refined"`` (the refined blocks alone, no lattice).
+        statistics: ``"stratified"`` (module docstring) or ``"refined"`` (the best-scoring blocks alone, each of
+            weight 1: statistics of the refined region only).
     """
 
-    def __init__(self, coarse_channels: int, out_channels: int, *, refine_fraction: float = 1.0,
-                 refine_score: str = "margin", block_size: int = 8, sigmoid: bool = False,
-                 statistics: str = "lattice"):
+    def __init__(self, in_channels: int, coarse_channels: int, out_channels: int, *, refine_fraction: float = 1.0,
+                 refine_score: str = "margin", block_size: int = 16, sigmoid: bool = False,
+                 statistics: str = "stratified"):
         super().__init__()
         if refine_score not in REFINE_SCORES:
             raise ValueError(f"unknown refine_score {refine_score!r}; valid: {', '.join(REFINE_SCORES)}")
@@ -245,6 +245,8 @@ class SparseDecoding(nn.Module):
         if block_size < 2 or block_size % 2:
             raise ValueError(f"refine_block must be an even number >= 2, got {block_size}")
         self.coarse_head = UnetOutBlock(3, coarse_channels, out_channels)
+        self.image_head = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1).to(
+            memory_format=torch.channels_last_3d)
         self.refine_fraction = refine_fraction
         self.refine_score, self.block_size, self.sigmoid = refine_score, block_size, sigmoid
         self.statistics = statistics
@@ -264,38 +266,36 @@ class SparseDecoding(nn.Module):
         nb = math.prod(block_grid(size, self.block_size))
         return max(1, min(nb, math.ceil(self.refine_fraction * nb - 1e-9)))
 
-    def _lattice(self, grid: tuple[int, int, int], device: torch.device) -> list[int] | None:
-        if self.statistics != "lattice":
-            return None
-        if self.training:  # a random offset, so that every region meets the full-resolution level now and then
-            offset = tuple(int(o) for o in torch.randint(0, LATTICE_STEP, (3,)))
-            return lattice_blocks(grid, offset)
-        return lattice_blocks(grid)
+    def fill(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The coarse prediction at full resolution, ``[B, out_channels, D, H, W]``: the coarse head's logits
+        upsampled (trilinear) plus a 3^3 linear image term, which puts back the intensity edges the half-resolution
+        map cannot hold."""
+        up = F.interpolate(self.coarse_head(coarse), scale_factor=2, mode="trilinear", align_corners=False)
+        if eager_cpu(x):  # oneDNN convolves a channels-last image 2.3x faster (4 -> 3 channels at 128^3)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return up + self.image_head(x)
 
-    def select(self, coarse_logits: torch.Tensor, size: tuple[int, ...], depth: torch.Tensor | None = None,
+    def select(self, fill: torch.Tensor, depth: torch.Tensor | None = None,
                patch_size: int | None = None) -> BlockSelection:
-        """The blocks to refine for coarse logits ``[B, C, D/2, H/2, W/2]`` of a ``size`` output."""
+        """The blocks to refine for the full-resolution coarse prediction ``fill`` ``[B, C, D, H, W]`` (stand-ins
+        drawn at random within their runs in training, so that easy regions meet the full-resolution level too)."""
         with torch.no_grad():
-            scores = block_scores(coarse_logits, self.block_size, self.sigmoid, self.refine_score, depth,
-                                  patch_size)
-        grid = block_grid(size, self.block_size)
-        return select_blocks(scores, self.num_refined(size), self._lattice(grid, scores.device))
+            scores = block_scores(fill, self.block_size, self.sigmoid, self.refine_score, depth, patch_size)
+        return select_blocks(scores, self.num_refined(tuple(fill.shape[2:])), self.statistics == "stratified",
+                             jitter=self.training)
 
     def forward(self, decoder: UnetrDecoder, x: torch.Tensor, skips: list[torch.Tensor], bottleneck: torch.Tensor,
                 depth: torch.Tensor | None = None, patch_size: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``[B, out_channels, D, H, W]`` (contiguous) and the coarse logits ``[B, out_channels, D/2, H/2,
-        W/2]`` (None on the dense inference path)."""
+        """Logits ``[B, out_channels, D, H, W]`` (contiguous) and the fill (None on the dense inference path)."""
         coarse = decoder.decode_coarse(skips, bottleneck)
         dense = self.refine_fraction >= 1.0
-        coarse_logits = self.coarse_head(coarse) if self.training or not dense else None
+        fill = self.fill(x, coarse) if self.training or not dense else None
         if dense:
-            return decoder.decode_fine(x, coarse).contiguous(), coarse_logits
-        size = tuple(x.shape[2:])
-        sel = self.select(coarse_logits, size, depth, patch_size)
+            return decoder.decode_fine(x, coarse).contiguous(), fill
+        sel = self.select(fill, depth, patch_size)
         refined = refine_blocks(decoder, x, coarse, sel, self.block_size)
-        fill = F.interpolate(coarse_logits, scale_factor=2, mode="trilinear", align_corners=False)
-        return scatter_blocks(fill, sel.idx, refined, self.block_size).contiguous(), coarse_logits
+        return scatter_blocks(fill, sel.idx, refined, self.block_size).contiguous(), fill
 
     def extra_repr(self) -> str:
         return (f"refine_fraction={self.refine_fraction}, refine_score={self.refine_score!r}, "

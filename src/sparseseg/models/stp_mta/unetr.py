@@ -14,11 +14,14 @@ Block indices are 1-based block counts everywhere (``3`` = the output of the thi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from sparseseg.models.common.blocks import block_grid
 from sparseseg.models.common.decoders import DECODERS, build_decoder
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
@@ -28,12 +31,23 @@ from sparseseg.models.common.vit import ViT3d, tokens_to_map
 from sparseseg.models.stp_mta.completion import build_completion
 from sparseseg.models.stp_mta.pruning import SparseEncoding, SparseViTEncoder
 
+REFINE_BLOCK = 16  # full-resolution side of a refined block (docs/models.md, "Sparse decoding")
 DEFAULT_SKIPS = {"original": (4, 7, 10), "v2": (3, 6, 9), "v1": (4, 8)}  # "original" = MONAI's hidden_states_out[3/6/9]
 _VIT_B = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
 PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"},
                  "brats": {"patch_size": 8, "decoder": "v1", "sigmoid": True}}
 PRESETS_SPARSE = {"btcv": {**PRESETS_DENSE["btcv"], "prune_ratio": 0.9},
                   "brats": {**PRESETS_DENSE["brats"], "prune_ratio": 0.75}}
+
+
+class DecoderInputs(NamedTuple):
+    """What an encoder hands the decoder: skip maps and bottleneck (``[B, hidden, *grid_size]`` each), the
+    auxiliary losses and, for sparse encoders, the pruning depth ``[B, N]`` (where to refine)."""
+
+    skips: list[torch.Tensor]
+    bottleneck: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] | None = None
+    depth: torch.Tensor | None = None
 
 
 def _default_decoder(decoder: str | None, patch_size: int) -> str:
@@ -59,9 +73,10 @@ class _UnetrBase(nn.Module):
         self.decoder = build_decoder(decoder, patch_size=patch_size, grid_size=self.grid_size, in_channels=in_channels,
                                      out_channels=out_channels, hidden_size=vit.hidden_size,
                                      feature_size=feature_size, norm_name=norm_name)
-        self.sparse_decoding = SparseDecoding(2 * feature_size, out_channels, refine_fraction=refine_fraction,
+        self.sparse_decoding = SparseDecoding(in_channels, 2 * feature_size, out_channels,
+                                              refine_fraction=refine_fraction,
                                               refine_score=refine_score, sigmoid=sigmoid,
-                                              block_size=patch_size if refine_block is None else refine_block)
+                                              block_size=REFINE_BLOCK if refine_block is None else refine_block)
         self.refine_fraction = refine_fraction  # checks the decoder when below 1
 
     @property
@@ -88,13 +103,32 @@ class _UnetrBase(nn.Module):
                 return int(rest[1]) + 1
         return self.num_layers + 1
 
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor,
-                aux_losses: dict[str, torch.Tensor] | None = None,
-                depth: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
-        logits, coarse = self.sparse_decoding(self.decoder, x, list(skips), bottleneck, depth, self.patch_size)
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
+        """Encoder (+ completion) of ``x`` ``[B, C_in, D, H, W]``: what the decoder reads (each model's own)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+        inputs = self._decoder_inputs(x)
+        logits, coarse = self.sparse_decoding(self.decoder, x, inputs.skips, inputs.bottleneck, inputs.depth,
+                                              self.patch_size)
         if not self.training:
             return logits  # [B, out_channels, D, H, W]
-        return SegmentationOutput(logits, dict(aux_losses or {}), deep_supervision=[coarse])
+        return SegmentationOutput(logits, dict(inputs.aux_losses or {}), deep_supervision=[coarse])
+
+    @torch.no_grad()
+    def refined_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Which full-resolution blocks the decoder computes at the current ``refine_fraction`` (all at 1), as
+        ``[B, *block_grid]`` bool (blocks of ``sparse_decoding.block_size`` voxels, raster order); the inference
+        selection (call it on an eval-mode model)."""
+        sd = self.sparse_decoding
+        grid = block_grid(x.shape[2:], sd.block_size)
+        if self.refine_fraction >= 1.0:
+            return torch.ones(x.shape[0], *grid, dtype=torch.bool, device=x.device)
+        inputs = self._decoder_inputs(x)
+        fill = sd.fill(x, self.decoder.decode_coarse(inputs.skips, inputs.bottleneck))
+        idx = sd.select(fill, inputs.depth, self.patch_size).idx  # [B, K]
+        chosen = torch.zeros(x.shape[0], math.prod(grid), dtype=torch.bool, device=x.device)
+        return chosen.scatter_(1, idx, True).view(x.shape[0], *grid)
 
 
 @register_model("unetr", presets=PRESETS_DENSE)
@@ -114,7 +148,7 @@ class UNETR(_UnetrBase):
             attribute (:mod:`~sparseseg.models.common.sparse_decoding`).
         refine_score: where to refine below 1: "margin" | "entropy" (uncertainty of the coarse prediction) |
             "depth" (STP pruning depth; the dense model falls back to "margin").
-        refine_block: full-resolution side of a refined block (even); None = ``patch_size``.
+        refine_block: full-resolution side of a refined block (even); None = 16.
         sigmoid: outputs are sigmoid regions (BraTS) rather than softmax classes: how the coarse prediction's
             uncertainty is read (set from the data by ``sparseseg train``).
 
@@ -156,10 +190,10 @@ class UNETR(_UnetrBase):
                 taps[i + 1] = z
         return self.vit.norm(z), [taps[s] for s in self.skip_layers]
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
         final, taps = self.forward_encoder(x)
         skips = [tokens_to_map(t[:, 1:], self.grid_size) for t in taps]  # [B, N, C] -> [B, C, d, h, w]
-        return self._decode(x, skips, tokens_to_map(final[:, 1:], self.grid_size))
+        return DecoderInputs(skips, tokens_to_map(final[:, 1:], self.grid_size))
 
     @torch.no_grad()
     def pruning_policy(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +267,10 @@ class STPMTAUNETR(_UnetrBase):
         """Patch embedding + blocks + scorers (no completion, no decoder); see :class:`SparseEncoding`."""
         return self.encoder(x, self.prune_ratio)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
         enc = self.forward_encoder(x)
         feat = tokens_to_map(self.completion(enc), self.grid_size)  # [B, N, C] -> [B, C, d, h, w]
-        return self._decode(x, [feat] * self.decoder.num_skips, feat, enc.aux_losses, enc.depth)
+        return DecoderInputs([feat] * self.decoder.num_skips, feat, enc.aux_losses, enc.depth)
 
     @torch.no_grad()
     def pruning_policy(self, x: torch.Tensor) -> torch.Tensor:
