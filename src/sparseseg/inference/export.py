@@ -73,7 +73,7 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", pru
         opset: ONNX opset version.
         refine_fraction: share of the full-resolution blocks a model with sparse decoding computes (None keeps the
             trained one): the block selection is exported as ``TopK``, the block gathers and the scatter of the
-            refined logits as ``Gather`` / ``ScatterND``, with the number of blocks fixed.
+            refined logits as ``Gather`` / ``ScatterElements``, with the number of blocks fixed.
 
     Returns:
         ``output``.

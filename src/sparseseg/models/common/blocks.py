@@ -7,7 +7,7 @@ Blocks on the far edges may stick out of the map when a side is not a multiple o
 neighbouring voxels on every side (zeros outside the map, as a zero-padded convolution sees them) and
 :func:`scatter_blocks` writes block interiors back. Both go through one flat row index into the channels-last
 voxels, so a gather is a single ``index_select`` and a scatter a single ``index_copy`` (ONNX ``Gather`` /
-``ScatterND``), with no Python loop over the batch or the blocks.
+``ScatterElements``), with no Python loop over the batch or the blocks.
 
 Examples:
     >>> x = torch.arange(2 * 3 * 4 * 4 * 4.0).view(2, 3, 4, 4, 4)
