@@ -302,12 +302,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="the model trained and scored beside the dense unetr (default stp_mta_unetr)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both models (default 3e-3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-fraction", type=float, default=0.25,
+                   help="also score and time stp_mta_unetr with sparse decoding at this share of full-resolution "
+                        "blocks (default 0.25; 1: dense decoding only)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.demo.run import run_demo
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
-                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr)
+                          prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
+                          refine_fraction=args.refine_fraction)
         sys.stdout.write(f"wrote {report}\n")
         return 0
 
