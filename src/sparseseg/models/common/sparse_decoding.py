@@ -46,7 +46,7 @@ from sparseseg.models.common.norms import ChannelInstanceNorm3d
 
 REFINE_SCORES = ("margin", "entropy", "depth")
 STATISTICS = ("stratified", "refined")
-STRATUM = 8  # each stand-in block represents this many blocks left to the fill
+STRATUM = 32  # each stand-in block represents about this many blocks left to the fill
 IMAGE_HALO = 4  # voxels around a block: two 3^3 convs in encoder1 and two in the last up block
 COARSE_HALO = 1  # half-resolution voxels: the transposed conv doubles it to the 2 the up block's convs need
 
@@ -73,12 +73,12 @@ def block_scores(fill: torch.Tensor, block: int, sigmoid: bool, kind: str = "mar
                  depth: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
     """Score of every full-resolution block (larger = refine first): ``[B, num_blocks]``.
 
-    ``fill`` ``[B, C, D, H, W]``: the coarse prediction at full resolution; a block scores the mean uncertainty of
-    its voxels (the expected share of them the fill gets wrong). ``kind="depth"`` needs the pruning depth ``[B, N]``
-    of the tokens on the patch grid (``patch_size``): a block scores the largest depth of the tokens it overlaps,
-    plus its uncertainty score (in [0, 1]: ties only)."""
+    ``fill`` ``[B, C, D, H, W]``: the coarse prediction at full resolution; a block scores the largest uncertainty
+    of its voxels (in the demo experiment the maximum kept 2-3 Dice points more than the mean at fractions 0.25 and
+    0.5). ``kind="depth"`` needs the pruning depth ``[B, N]`` of the tokens on the patch grid (``patch_size``): a
+    block scores the largest depth of the tokens it overlaps, plus its uncertainty score (in [0, 1]: ties only)."""
     u = uncertainty(fill, sigmoid, "entropy" if kind == "entropy" else "margin").unsqueeze(1)  # [B, 1, D, H, W]
-    score = F.avg_pool3d(u, block, block, ceil_mode=True, count_include_pad=False).flatten(1)  # -> [B, nb]
+    score = F.max_pool3d(u, block, block, ceil_mode=True).flatten(1)  # [B, 1, *grid] -> [B, nb]
     if kind != "depth" or depth is None:
         return score
     grid = [s // patch_size for s in fill.shape[2:]]
@@ -99,10 +99,10 @@ class BlockSelection:
 def select_blocks(scores: torch.Tensor, num: int, stratified: bool = True, jitter: bool = False) -> BlockSelection:
     """The ``num`` blocks to refine per image from ``scores`` ``[B, nb]`` (module docstring).
 
-    Without ``stratified`` the ``num`` best scores, each of weight 1. With it, ``m = ceil((nb - num) / 7)`` of the
+    Without ``stratified`` the ``num`` best scores, each of weight 1. With it, ``m = ceil((nb - num) / 31)`` of the
     ``num`` go to stand-ins: the blocks the score leaves out (ranked by score) are cut into ``m`` equal runs and one
     block of each run (its middle, or a random one with ``jitter``) is refined and weighted by the length of its
-    run, so that the weights add up to ``nb`` and every stand-in represents about 8 blocks like it."""
+    run, so that the weights add up to ``nb`` and every stand-in represents about 32 blocks like it."""
     b, nb = scores.shape
     num = max(1, min(int(num), nb))
     stand_ins = min(math.ceil((nb - num) / (STRATUM - 1)), num - 1) if stratified else 0
@@ -177,8 +177,12 @@ class _Blocks:
         if weight is not None:
             scale = scale * weight
         shift = (bias if bias is not None else 0.0) - img_mean * scale
-        y = torch.addcmul(shift.repeat_interleave(k, 0)[..., None, None, None], y,
-                          scale.repeat_interleave(k, 0)[..., None, None, None])  # one pass: (y - mean) * rstd
+        shift = shift.repeat_interleave(k, 0)[..., None, None, None]  # [B, C] -> [N, C, 1, 1, 1]
+        scale = scale.repeat_interleave(k, 0)[..., None, None, None]
+        if torch.is_grad_enabled():
+            y = torch.addcmul(shift, y, scale)  # one pass: (y - mean) * rstd
+        else:  # in place: no second copy of the largest block maps at the memory peak
+            y = y.mul_(scale).add_(shift)
         return y.mul_(centre(self.inside, IMAGE_HALO - halo)) if mask else y
 
 
