@@ -46,7 +46,7 @@ from sparseseg.models.common.norms import ChannelInstanceNorm3d
 
 REFINE_SCORES = ("margin", "entropy", "depth")
 STATISTICS = ("stratified", "refined")
-STRATUM = 32  # each stand-in block represents about this many blocks left to the fill
+STRATUM = 8  # each stand-in block represents about this many blocks left to the fill
 IMAGE_HALO = 4  # voxels around a block: two 3^3 convs in encoder1 and two in the last up block
 COARSE_HALO = 1  # half-resolution voxels: the transposed conv doubles it to the 2 the up block's convs need
 
@@ -99,10 +99,10 @@ class BlockSelection:
 def select_blocks(scores: torch.Tensor, num: int, stratified: bool = True, jitter: bool = False) -> BlockSelection:
     """The ``num`` blocks to refine per image from ``scores`` ``[B, nb]`` (module docstring).
 
-    Without ``stratified`` the ``num`` best scores, each of weight 1. With it, ``m = ceil((nb - num) / 31)`` of the
+    Without ``stratified`` the ``num`` best scores, each of weight 1. With it, ``m = ceil((nb - num) / 7)`` of the
     ``num`` go to stand-ins: the blocks the score leaves out (ranked by score) are cut into ``m`` equal runs and one
     block of each run (its middle, or a random one with ``jitter``) is refined and weighted by the length of its
-    run, so that the weights add up to ``nb`` and every stand-in represents about 32 blocks like it."""
+    run, so that the weights add up to ``nb`` and every stand-in represents about 8 blocks like it."""
     b, nb = scores.shape
     num = max(1, min(int(num), nb))
     stand_ins = min(math.ceil((nb - num) / (STRATUM - 1)), num - 1) if stratified else 0
@@ -210,16 +210,27 @@ def _res_block(blk: nn.Module, x: torch.Tensor, halo: int, blocks: _Blocks) -> t
 def refine_blocks(decoder: UnetrDecoder, x: torch.Tensor, coarse: torch.Tensor, sel: BlockSelection,
                   block: int) -> torch.Tensor:
     """The full-resolution level of ``decoder`` on the selected blocks: image ``x`` ``[B, C_in, D, H, W]``,
-    half-resolution map ``coarse`` ``[B, 2F, D/2, H/2, W/2]`` -> logits ``[B * K, out_channels, b, b, b]``."""
-    size = tuple(x.shape[2:])
-    blocks = _Blocks(sel, size, block, x.dtype)
-    image = gather_blocks(x, sel.idx, block, IMAGE_HALO)  # [N, C_in, b + 8, ...], zeros outside the map
-    enc1 = blocks.mask(_res_block(decoder.encoder1.layer, image, IMAGE_HALO, blocks), IMAGE_HALO - 2)
-    up = decoder.decoder2.transp_conv.conv
-    low = gather_blocks(coarse, sel.idx, block // 2, COARSE_HALO)  # [N, 2F, b/2 + 2, ...]
-    up = blocks.mask(F.conv_transpose3d(low, up.weight, up.bias, stride=2), 2 * COARSE_HALO)  # [N, F, b + 4, ...]
-    y = _res_block(decoder.decoder2.conv_block, torch.cat([up, enc1], 1), 2 * COARSE_HALO, blocks)  # [N, F, b, ...]
+    half-resolution map ``coarse`` ``[B, 2F, D/2, H/2, W/2]`` -> logits ``[B * K, out_channels, b, b, b]``.
+    No block map is kept in a local variable, so each is freed as soon as the next one is made (memory peak)."""
+    blocks = _Blocks(sel, tuple(x.shape[2:]), block, x.dtype)
+    skip = torch.cat([_upsampled(decoder, coarse, sel, block, blocks), _encoder1(decoder, x, sel, block, blocks)], 1)
+    y = _res_block(decoder.decoder2.conv_block, skip, 2 * COARSE_HALO, blocks)  # [N, 2F, b + 4, ...] -> [N, F, b...]
     return _conv(decoder.out.conv, y)  # [N, out_channels, b, b, b]
+
+
+def _encoder1(decoder: UnetrDecoder, x: torch.Tensor, sel: BlockSelection, block: int,
+              blocks: _Blocks) -> torch.Tensor:
+    """``encoder1`` on the image blocks: ``[N, C_in, b + 8, ...]`` (zeros outside the map) -> ``[N, F, b + 4, ...]``."""
+    enc1 = _res_block(decoder.encoder1.layer, gather_blocks(x, sel.idx, block, IMAGE_HALO), IMAGE_HALO, blocks)
+    return blocks.mask(enc1, IMAGE_HALO - 2)
+
+
+def _upsampled(decoder: UnetrDecoder, coarse: torch.Tensor, sel: BlockSelection, block: int,
+               blocks: _Blocks) -> torch.Tensor:
+    """The last up block's transposed conv on the coarse blocks: ``[N, 2F, b/2 + 2, ...] -> [N, F, b + 4, ...]``."""
+    conv = decoder.decoder2.transp_conv.conv
+    low = gather_blocks(coarse, sel.idx, block // 2, COARSE_HALO)
+    return blocks.mask(F.conv_transpose3d(low, conv.weight, conv.bias, stride=2), 2 * COARSE_HALO)
 
 
 class SparseDecoding(nn.Module):
