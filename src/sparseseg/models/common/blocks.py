@@ -5,9 +5,9 @@ ceil(W / block)`` of them per image, numbered in raster order (last axis fastest
 Blocks on the far edges may stick out of the map when a side is not a multiple of ``block``. A selection is
 ``idx`` ``[B, K]`` (block numbers per image); :func:`gather_blocks` cuts the selected blocks out with a ``halo`` of
 neighbouring voxels on every side (zeros outside the map, as a zero-padded convolution sees them) and
-:func:`scatter_blocks` writes block interiors back. Both go through one flat row index into the channels-last
-voxels, so a gather is a single ``index_select`` and a scatter a single ``index_copy`` (ONNX ``Gather`` /
-``ScatterElements``), with no Python loop over the batch or the blocks.
+:func:`scatter_blocks` writes block interiors back. A gather is one ``index_select`` of channels-last voxel rows
+(ONNX ``Gather``), a scatter one ``scatter`` along each image's flattened voxels (ONNX ``ScatterElements``), with
+no Python loop over the batch or the blocks.
 
 Examples:
     >>> x = torch.arange(2 * 3 * 4 * 4 * 4.0).view(2, 3, 4, 4, 4)
@@ -40,13 +40,16 @@ def block_coords(idx: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, 
     return idx // (gy * gx), (idx // gx) % gy, idx % gx
 
 
-def _rows(idx: torch.Tensor, grid: Sequence[int], block: int, halo: int, padded: Sequence[int]) -> torch.Tensor:
+def _rows(idx: torch.Tensor, grid: Sequence[int], block: int, halo: int, padded: Sequence[int],
+          batched: bool = True) -> torch.Tensor:
     """Flat row of every voxel of every selected block (halo included) in a channels-last volume
-    ``[B, P0, P1, P2, C]`` padded by ``halo`` in front: ``[B, K] -> [B * K * s^3]``, ``s = block + 2 halo``."""
+    ``[B, P0, P1, P2, C]`` padded by ``halo`` in front: ``[B, K] -> [B * K * s^3]``, ``s = block + 2 halo``
+    (``batched=False``: the voxel's place within its own image, ``[P0, P1, P2]``)."""
     b, _ = idx.shape
     p0, p1, p2 = (int(p) for p in padded)
     i, j, k = block_coords(idx, grid)  # [B, K] each
-    batch = torch.arange(b, device=idx.device).view(b, 1)
+    batch = torch.arange(b, device=idx.device).view(b, 1) if batched else torch.zeros(1, 1, dtype=idx.dtype,
+                                                                                      device=idx.device)
     start = ((batch * p0 + i * block) * p1 + j * block) * p2 + k * block  # [B, K]
     a = torch.arange(block + 2 * halo, device=idx.device)
     offset = (a.view(-1, 1, 1) * p1 + a.view(1, -1, 1)) * p2 + a.view(1, 1, -1)  # [s, s, s]
@@ -79,13 +82,20 @@ def gather_blocks(x: torch.Tensor, idx: torch.Tensor, block: int, halo: int = 0)
 def scatter_blocks(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, block: int) -> torch.Tensor:
     """Out-of-place inverse of :func:`gather_blocks` without halo: ``dst`` ``[B, C, D, H, W]`` with the blocks
     ``idx`` ``[B, K]`` replaced by ``values`` ``[B * K, C, block, block, block]`` (parts outside the map dropped).
-    Differentiable in ``dst`` (outside the blocks) and ``values``; the result is channels-last in memory."""
+    Differentiable in ``dst`` (outside the blocks) and ``values``; works on ``dst``'s voxels in place of layout, so a
+    contiguous ``dst`` (e.g. full-resolution logits) is never transposed, only the refined values are."""
     b, c, *size = dst.shape
-    rows, padded = _padded_rows(dst, block, 0)
-    src = values.permute(0, 2, 3, 4, 1).reshape(-1, c)  # [B * K, C, b, b, b] -> [B * K * b^3, C]
-    out = rows.index_copy(0, _rows(idx, block_grid(size, block), block, 0, padded), src)  # [B * P^3, C]
-    out = out.view(b, *padded, c)[:, : size[0], : size[1], : size[2]]  # drop the overhang of the last blocks
-    return out.permute(0, 4, 1, 2, 3)  # [B, D, H, W, C] -> [B, C, D, H, W]
+    grid = block_grid(size, block)
+    padded = [g * block for g in grid]
+    overhang = [p - s for p, s in zip(padded, size, strict=True)]
+    if any(overhang):
+        dst = F.pad(dst, [0, overhang[2], 0, overhang[1], 0, overhang[0]])  # [B, C, P0, P1, P2]
+    pos = _rows(idx, grid, block, 0, padded, batched=False)  # [B * K * b^3]: voxel within its own image
+    k = idx.shape[1]
+    src = values.view(b, k, c, -1).transpose(1, 2).reshape(b, c, -1)  # [B * K, C, b^3] -> [B, C, K * b^3]
+    out = dst.flatten(2).scatter(2, pos.view(b, 1, -1).expand(-1, c, -1), src)  # [B, C, P0 * P1 * P2]
+    out = out.view(b, c, *padded)
+    return out[:, :, : size[0], : size[1], : size[2]] if any(overhang) else out
 
 
 def inside_mask(idx: torch.Tensor, grid: Sequence[int], size: Sequence[int], block: int, halo: int,
