@@ -209,6 +209,20 @@ def test_regions_training_on_multichannel_nnunet(tmp_path):
     assert {"dice_whole", "dice_core", "mean_dice"} <= set(ckpt["history"][0])
 
 
+def test_data_tells_the_model_sigmoid_or_softmax(tmp_path, msd_dataset):
+    """Sparse decoding reads the fill's uncertainty as sigmoid regions or softmax classes: the data decides."""
+    ds = write_nnunet_dataset(tmp_path / "nn", num_cases=2, shape=(16, 16, 16), channels=2)
+    meta = json.loads(ds.read_text())
+    meta["labels"] = {"background": 0, "whole": [1, 2], "core": [2]}
+    ds.write_text(json.dumps(meta))
+    tiny = {"hidden_size": 32, "mlp_dim": 64, "num_layers": 2, "num_heads": 2, "feature_size": 4, "decoder": "v1",
+            "skip_layers": [1, 2]}
+    for dataset, sigmoid in ((ds, True), (msd_dataset, False)):
+        cfg = _cfg(dataset, tmp_path / "run", model="unetr", model_args=tiny)
+        data_cfg = trainer_mod.build_data_config(cfg, trainer_mod.load_dataset(cfg.dataset))
+        assert trainer_mod.build_model(cfg, data_cfg).sparse_decoding.sigmoid is sigmoid
+
+
 def test_conflicting_model_geometry(tmp_path, msd_dataset):
     with pytest.raises(InputError, match="in_channels=4 conflicts with the data"):
         trainer_mod.train(_cfg(msd_dataset, tmp_path / "run", model_args={"in_channels": 4}))
