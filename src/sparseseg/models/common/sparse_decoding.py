@@ -9,9 +9,9 @@ of the image, 1 of the half-resolution map), through the same weights as the den
 convolutions (voxels outside the map zeroed before every convolution, as the dense padding is); the refined logits
 overwrite the fill.
 
-**Where to refine** (``refine_score``): ``"margin"`` ranks blocks by the mean uncertainty of the fill over their
+**Where to refine** (``refine_score``): ``"margin"`` ranks blocks by the largest uncertainty of the fill over their
 voxels, 1 minus the margin between the two most probable classes (softmax) or 1 - |2p - 1| of the least certain
-region (sigmoid); ``"entropy"`` by the mean normalised entropy; ``"depth"`` by the STP pruning depth of the tokens
+region (sigmoid); ``"entropy"`` by the largest normalised entropy; ``"depth"`` by the STP pruning depth of the tokens
 under the block (kept longest first), ties broken by the margin (the dense ``unetr`` has no depth: margin alone).
 
 **Instance-norm statistics.** Instance norm normalises with the mean and variance of a channel over the *whole*
