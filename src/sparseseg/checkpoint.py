@@ -15,6 +15,7 @@ raises :class:`~sparseseg.errors.WriteError` naming the file and the size it nee
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -27,10 +28,14 @@ import torch.nn as nn
 from sparseseg.data.io import atomic_write
 from sparseseg.errors import InputError
 
+log = logging.getLogger(__name__)
+
 FORMAT = "sparseseg-checkpoint"
 # 2: ``unetr``'s default decoder taps became the authors' (outputs of blocks 4/7/10 for v2, 5/9 for v1, spread over
 # other depths); a format-1 ``unetr`` without ``skip_layers`` was built with 3/6/9 (v2) and 4/8 (v1).
-FORMAT_VERSION = 2
+# 3: ``unetr`` and ``stp_mta_unetr`` carry the sparse-decoding fill (``sparse_decoding.*``), trained with them; an older
+# checkpoint of them loads without it and decodes densely only.
+FORMAT_VERSION = 3
 _V1_UNETR_TAPS = {"v2": [3, 6, 9], "v1": [4, 8]}  # format-1 defaults ("original" was 4/7/10 then too)
 REQUIRED_KEYS = ("model_name", "model_args", "state_dict", "data")
 
@@ -159,10 +164,28 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path | None = None) 
     if name not in list_models():
         raise InputError(f"checkpoint model {name!r} is not registered in this sparseseg", path)
     model = create_model(name, **ckpt["model_args"])
+    state = ckpt["state_dict"]
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        if int(ckpt.get("format_version", 1)) < 3 and hasattr(model, "sparse_decoding"):
+            _load_without_fill(model, state)
+        else:
+            model.load_state_dict(state)
     except RuntimeError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
         raise InputError(f"weights do not fit model {name!r} ({detail[:300]})", path) from err
     return model
+
+
+def _load_without_fill(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A format-2 UNETR checkpoint has no sparse-decoding fill: load every other weight strictly and keep the model
+    at dense decoding (its untrained fill cannot stand in for the full-resolution level)."""
+    own = model.state_dict()
+    fill = {k for k in own if k.startswith("sparse_decoding.")}
+    missing = sorted(set(own) - set(state) - fill)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"Error(s) in loading state_dict:\n missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({**{k: own[k] for k in fill}, **state})
+    model.sparse_decoding.fill_trained = False
+    log.warning("checkpoint written before sparse decoding: it decodes densely (refine fraction 1) only")

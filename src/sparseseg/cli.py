@@ -123,6 +123,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "each) and/or folders of them; CASE_0000, CASE_0001, ... are the channels of CASE")
     p.add_argument("--output", required=True, help="output folder (must not contain the inputs)")
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
+    p.add_argument("--refine-fraction", type=float, default=None,
+                   help="test-time share of the full-resolution blocks decoded (sparse decoding; 1 = dense)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -147,7 +149,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
-                          cpu_fast_path=not args.no_cpu_fast_path)
+                          cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -182,6 +184,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="unetr,stp_mta_unetr", help="comma-separated model names")
     p.add_argument("--prune-ratios", default=None, metavar="R,R,...",
                    help="ratios for models with token pruning (default: each model's own)")
+    p.add_argument("--refine-fractions", default=None, metavar="F,F,...",
+                   help="sparse-decoding fractions for models that have it, at every ratio (default: each model's own)")
     p.add_argument("--baseline", default="unetr", help="dense model the speedups refer to ('none': no ratios)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -214,17 +218,16 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         from sparseseg.benchmark.run import benchmark
         from sparseseg.config import parse_model_args
 
-        try:
-            ratios = None if args.prune_ratios is None else [float(r) for r in args.prune_ratios.split(",") if r]
-        except ValueError as err:
-            raise SparsesegError(f"--prune-ratios expects comma-separated numbers, got {args.prune_ratios!r}") from err
+        ratios = _numbers(args.prune_ratios, "--prune-ratios")
+        fractions = _numbers(args.refine_fractions, "--refine-fractions")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         baseline = None if args.baseline.lower() == "none" else args.baseline
         records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
                             batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
                             memory=not args.no_memory, profile=args.profile, amp=args.amp,
-                            cuda_graphs=args.cuda_graphs, cpu_fast_path=not args.no_cpu_fast_path)
+                            cuda_graphs=args.cuda_graphs, cpu_fast_path=not args.no_cpu_fast_path,
+                            refine_fractions=fractions)
         if args.json:
             write_json(records, args.json)
         if args.markdown:
@@ -235,6 +238,16 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _numbers(text: str | None, flag: str) -> list[float] | None:
+    """``"0.25,0.5"`` -> ``[0.25, 0.5]`` (None stays None); SparsesegError naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError as err:
+        raise SparsesegError(f"{flag} expects comma-separated numbers, got {text!r}") from err
 
 
 def _add_visualize(sub: argparse._SubParsersAction) -> None:
@@ -320,6 +333,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="constructor argument of the --model model (repeatable), e.g. skips=dense for tokenseg")
+    p.add_argument("--refine-fraction", type=float, default=0.25,
+                   help="also score and time stp_mta_unetr with sparse decoding at this share of full-resolution "
+                        "blocks (default 0.25; 1: dense decoding only)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.config import parse_model_args
@@ -327,7 +343,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
         report = run_demo(args.output, quick=args.quick, minutes=args.minutes, device=args.device,
                           prune_ratio=args.prune_ratio, seed=args.seed, model=args.model, lr=args.lr,
-                          pruned_mask=args.pruned_mask, model_args=parse_model_args(args.model_arg))
+                          pruned_mask=args.pruned_mask, model_args=parse_model_args(args.model_arg),
+                          refine_fraction=args.refine_fraction)
         sys.stdout.write(f"wrote {report}\n")
         return 0
 
@@ -342,11 +359,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--output", required=True, help="file to write (.onnx or .pt)")
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio to export")
+    p.add_argument("--refine-fraction", type=float, default=None,
+                   help="share of the full-resolution blocks the exported decoder computes (sparse decoding)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.export import export
 
-        sys.stdout.write(f"wrote {export(args.checkpoint, args.output, args.format, args.prune_ratio)}\n")
+        out = export(args.checkpoint, args.output, args.format, args.prune_ratio, refine_fraction=args.refine_fraction)
+        sys.stdout.write(f"wrote {out}\n")
         return 0
 
     p.set_defaults(func=run)

@@ -17,8 +17,8 @@ from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import list_models, register_model
 from sparseseg.models.common.tokens import gather_tokens, num_keep, scatter_tokens
 
-RECORD_KEYS = {"model", "preset", "prune_ratio", "params", "gmacs", "encoder_throughput", "throughput",
-               "latency_ms_median", "latency_ms_p90", "peak_memory_mb", "train_throughput", "speedup",
+RECORD_KEYS = {"model", "preset", "prune_ratio", "refine_fraction", "params", "gmacs", "encoder_throughput",
+               "throughput", "latency_ms_median", "latency_ms_p90", "peak_memory_mb", "train_throughput", "speedup",
                "encoder_speedup", "train_speedup", "memory_ratio", "baseline", "device", "threads",
                "torch_version"}
 
@@ -189,6 +189,23 @@ def test_paper_models_tiny():
     assert dense["profile_s"]["scorers"] == 0 and most["profile_s"]["scorers"] > 0
     assert most["profile_s"]["completion"] > 0
     assert "Profile of one forward pass" in markdown_table(records)
+
+
+def test_refine_fractions_one_record_each():
+    """``refine_fractions``: one record per fraction of a model with sparse decoding (key ``refine_fraction``), the
+    dense baseline once at its own default; MACs fall and the parameters stay."""
+    tiny = {"img_size": 64, "hidden_size": 32, "mlp_dim": 64, "num_layers": 2, "num_heads": 2, "feature_size": 4,
+            "skip_layers": [1, 2, 2], "prune_after": [1], "completion_size": 48, "completion_heads": 2}
+    records = benchmark(["stp_mta_unetr"], prune_ratios=[0.5], refine_fractions=[0.25, 1.0], threads=1, warmup=0,
+                        repeats=1, memory=False, model_args=tiny)
+    assert [(r["model"], r["prune_ratio"], r["refine_fraction"]) for r in records] == [
+        ("unetr", None, 1.0), ("stp_mta_unetr", 0.5, 0.25), ("stp_mta_unetr", 0.5, 1.0)]
+    dense, quarter, full = records
+    assert quarter["gmacs"] < full["gmacs"] and quarter["params"] == full["params"] and dense["speedup"] == 1.0
+    assert "| f |" in markdown_table(records)
+    with pytest.raises(InputError, match="refine fraction"):
+        benchmark(["stp_mta_unetr"], refine_fractions=[0.0], memory=False, model_args=tiny)
+    assert main(["benchmark", "--models", "stp_mta_unetr", "--refine-fractions", "a,b"]) == 2
 
 
 def test_per_model_overrides():

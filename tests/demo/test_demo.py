@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,7 +28,7 @@ from sparseseg.demo.data import (
     split_anterior,
 )
 from sparseseg.demo.report import policy_summary
-from sparseseg.demo.run import apply_thresholds, demo_settings, fit_thresholds
+from sparseseg.demo.run import SPARSE, apply_thresholds, demo_settings, fit_thresholds
 from sparseseg.errors import InputError
 
 
@@ -129,6 +130,14 @@ def test_settings_follow_the_flags():
     assert token.args_of("tokenseg")["skips"] == "dense" and token.args_of("tokenseg")["num_keep"] == 12
     assert "skips" not in demo_settings(True, None, 0.75, 0, "cpu", model="tokenseg").args_of("tokenseg")
     assert demo_settings(True, None, 0.75, 0, "cpu", model_args={"prune_ratio": 0.5}).sparse_args["prune_ratio"] == 0.5
+    sparse = demo_settings(False, None, 0.75, 0, "cpu", refine_fraction=0.25)
+    ckpts = {"unetr": Path("u.pt"), "stp_mta_unetr": Path("s.pt")}
+    assert sparse.decoded(ckpts) == {"unetr": (Path("u.pt"), None), "stp_mta_unetr": (Path("s.pt"), 1.0),
+                                     SPARSE: (Path("s.pt"), 0.25)}
+    assert full.decoded(ckpts) == {"unetr": (Path("u.pt"), None), "stp_mta_unetr": (Path("s.pt"), None)}
+    assert demo_settings(False, None, 0.75, 0, "cpu", refine_fraction=1.0).refine_fraction is None
+    with pytest.raises(InputError, match="--refine-fraction"):
+        demo_settings(False, None, 0.75, 0, "cpu", refine_fraction=0.0)
 
 
 @pytest.mark.parametrize("quick,taps", [(True, (1, 2, 3)), (False, (2, 4, 5))])
@@ -153,10 +162,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for row in ("| UNETR (dense) |", "| STP + MTA + UNETR |", "| intensity threshold |", "Total wall time"):
+    for row in ("| UNETR (dense) |", "| STP + MTA + UNETR |", "| STP + MTA + UNETR, sparse decoding |",
+                "| intensity threshold |", "Total wall time", "blocks its sparse decoding computed"):
         assert row in report
     ref = nib.load(str(out / "data" / "labelsTs" / f"{TEST_CASE}.nii.gz"))
-    for name in ("unetr", "stp_mta_unetr", "threshold"):
+    for name in ("unetr", "stp_mta_unetr", SPARSE, "threshold"):
         pred = nib.load(str(out / "predictions" / name / f"{TEST_CASE}.nii.gz"))
         assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
@@ -167,7 +177,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         w, h = _png_size(out / pic)
         assert w > 100 and h > 100
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["inference_seconds"]) == {"unetr", "stp_mta_unetr"}
+    assert set(summary["inference_seconds"]) == {"unetr", "stp_mta_unetr", SPARSE}
     assert all(v > 0 for v in summary["inference_seconds"].values())
     assert "report.md" in capsys.readouterr().out
 

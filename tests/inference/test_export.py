@@ -22,7 +22,7 @@ VIT = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "featu
 MODELS = {"tiny_seg": {"in_channels": 1, "out_channels": 3, "feature_size": 4},
           "unetr": {**VIT, "skip_layers": [1, 2]},
           "stp_mta_unetr": {**VIT, "prune_after": [1], "completion_size": 48, "completion_heads": 2,
-                            "prune_ratio": 0.5}}
+                            "prune_ratio": 0.5, "refine_block": 4}}
 
 
 def _checkpoint(tmp_path, name: str):
@@ -34,8 +34,9 @@ def _checkpoint(tmp_path, name: str):
     return save_checkpoint(tmp_path / f"{name}.pt", model, data.to_dict())
 
 
-def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None) -> np.ndarray:
-    graph, _ = load_for_export(ckpt, prune_ratio)
+def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None,
+               refine_fraction: float | None = None) -> np.ndarray:
+    graph, _ = load_for_export(ckpt, prune_ratio, refine_fraction)
     with torch.no_grad():
         return graph(x).numpy()
 
@@ -70,6 +71,29 @@ def test_torchscript_matches_pytorch(tmp_path, name):
     with torch.no_grad():
         logits = torch.jit.load(str(out))(x).numpy()
     np.testing.assert_allclose(logits, _reference(ckpt, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_sparse_decoding_exports(tmp_path, fmt):
+    """A refine fraction below 1 exports its block selection (TopK), gathers and scatter of refined blocks; the
+    graph gives PyTorch's sparse-decoded logits for a batch other than the exported one."""
+    ckpt = _checkpoint(tmp_path, "stp_mta_unetr")
+    out = tmp_path / ("sparse.onnx" if fmt == "onnx" else "sparse.ts.pt")
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(out),
+                 "--refine-fraction", "0.5"]) == 0
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    want = _reference(ckpt, x, refine_fraction=0.5)
+    assert not np.allclose(want, _reference(ckpt, x), atol=1e-3)  # half of the blocks come from the coarse fill
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+        ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert {"TopK", "Gather", "ConvTranspose"} <= ops and ops & {"ScatterND", "ScatterElements"}
+        (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    else:
+        with torch.no_grad():
+            got = torch.jit.load(str(out))(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_export_refuses_bad_checkpoint_and_output(tmp_path, capsys):

@@ -26,7 +26,9 @@ def test_parameter_parity_with_monai_unetr():
     # MONAI 1.6 builds a cross-attention LayerNorm in every block even without cross-attention; it is never used
     unused = sum(p.numel() for n, p in monai.named_parameters() if ".norm_cross_attn." in n)
     assert unused == 12 * 2 * 768
-    assert count_params(ours) - (count_params(monai) - unused) == 2 * 768
+    # beyond MONAI: [CLS] and its position row, and sparse decoding's coarse heads (1x1x1 32 -> 14, 3^3 1 -> 14)
+    assert count_params(ours.sparse_decoding) == (32 * 14 + 14) + (27 * 14 + 14)
+    assert count_params(ours) - count_params(ours.sparse_decoding) - (count_params(monai) - unused) == 2 * 768
     assert count_params(ours.decoder) == count_params(monai) - count_params(monai.vit)
 
 

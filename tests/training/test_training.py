@@ -151,6 +151,31 @@ def test_format_1_unetr_checkpoint_keeps_the_taps_it_was_trained_with(tmp_path, 
     assert model_from_checkpoint(ckpt).skip_layers == old_taps
 
 
+
+@pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
+def test_format_2_checkpoint_without_the_fill_decodes_densely_only(tmp_path, name):
+    """Weights saved before sparse decoding have no fill: they load, decode as before, and refuse refine < 1."""
+    from sparseseg.inference.predictor import set_refine_fraction
+
+    args = dict(in_channels=1, out_channels=2, img_size=32, hidden_size=12, mlp_dim=24, num_layers=3, num_heads=2,
+                feature_size=4)
+    if name == "stp_mta_unetr":
+        args.update(prune_after=(1, 2), completion_size=12, completion_heads=2)
+    torch.manual_seed(0)
+    model = create_model(name, **args).eval()
+    path = save_checkpoint(tmp_path / "new.pt", model, {})
+    old = torch.load(path, weights_only=True)
+    old["format_version"] = 2
+    old["state_dict"] = {k: v for k, v in old["state_dict"].items() if not k.startswith("sparse_decoding.")}
+    torch.save(old, tmp_path / "old.pt")
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"), tmp_path / "old.pt").eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))
+    with pytest.raises(InputError, match="old.pt: .*predate sparse decoding"):
+        set_refine_fraction(rebuilt, 0.5, tmp_path / "old.pt")
+    set_refine_fraction(model_from_checkpoint(load_checkpoint(path)), 0.5)  # a current checkpoint may
+
 def test_config_yaml_and_overrides(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("dataset: d.json\nmodel: tiny_seg\noutput: run\nepochs: 7\nroi_size: 16\n"
@@ -238,6 +263,20 @@ def test_regions_training_on_multichannel_nnunet(tmp_path):
     assert ckpt["data"]["regions"] == [[1, 2], [2]] and ckpt["data"]["intensity"] == "mri"
     assert ckpt["model_args"]["in_channels"] == 2 and ckpt["model_args"]["out_channels"] == 2
     assert {"dice_whole", "dice_core", "mean_dice"} <= set(ckpt["history"][0])
+
+
+def test_data_tells_the_model_sigmoid_or_softmax(tmp_path, msd_dataset):
+    """Sparse decoding reads the fill's uncertainty as sigmoid regions or softmax classes: the data decides."""
+    ds = write_nnunet_dataset(tmp_path / "nn", num_cases=2, shape=(16, 16, 16), channels=2)
+    meta = json.loads(ds.read_text())
+    meta["labels"] = {"background": 0, "whole": [1, 2], "core": [2]}
+    ds.write_text(json.dumps(meta))
+    tiny = {"hidden_size": 32, "mlp_dim": 64, "num_layers": 2, "num_heads": 2, "feature_size": 4, "decoder": "v1",
+            "skip_layers": [1, 2]}
+    for dataset, sigmoid in ((ds, True), (msd_dataset, False)):
+        cfg = _cfg(dataset, tmp_path / "run", model="unetr", model_args=tiny)
+        data_cfg = trainer_mod.build_data_config(cfg, trainer_mod.load_dataset(cfg.dataset))
+        assert trainer_mod.build_model(cfg, data_cfg).sparse_decoding.sigmoid is sigmoid
 
 
 def test_conflicting_model_geometry(tmp_path, msd_dataset):

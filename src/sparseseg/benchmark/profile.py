@@ -6,7 +6,8 @@ The parts are found by module name, so any model built like the UNETR family is 
 * ``encoder_blocks``: the ViT's transformer blocks (``...vit.blocks.N``);
 * ``scorers``: the token score networks of the pruning stages (``...scorers.N``);
 * ``completion``: token completion (MTA / MIM), its own scatter of the groups included;
-* ``decoder``: the convolutional decoder;
+* ``decoder``: the convolutional decoder, sparse decoding (``sparse_decoding``: its coarse head, block selection
+  and refined blocks) included;
 * ``gather_scatter``: token selection and movement outside those modules (``gather``, ``scatter``, ``sort``,
   ``argsort``, ``topk``, ``index_select``, ``cat`` of the kept tokens: self CPU time of those operators);
 * ``other``: the rest of the measured wall time (embedding additions, final LayerNorm, reshapes, Python).
@@ -35,7 +36,7 @@ _PATTERNS = [
     ("encoder_blocks", re.compile(r"(^|\.)vit\.blocks\.\d+$")),
     ("scorers", re.compile(r"(^|\.)scorers\.\d+$")),
     ("completion", re.compile(r"^completion$")),
-    ("decoder", re.compile(r"^decoder$")),
+    ("decoder", re.compile(r"^(decoder|sparse_decoding)$")),
 ]
 _LABEL = "sparseseg::"
 

@@ -14,6 +14,7 @@ from sparseseg.data.io import atomic_write
 _COLUMNS = [
     ("model", "model", "{}"),
     ("r", "prune_ratio", "{:g}"),
+    ("f", "refine_fraction", "{:g}"),
     ("params (M)", "params", None),
     ("GMACs", "gmacs", "{:.4g}"),
     ("encoder img/s", "encoder_throughput", "{:.3g}"),
@@ -84,6 +85,8 @@ def _profile_table(records: Sequence[dict[str, Any]]) -> str:
         prof = rec["profile_s"]
         cells = [f"{prof[p]:.3g} ({100 * prof[p] / prof['total']:.0f}%)" for p in parts]
         r = "-" if rec["prune_ratio"] is None else f"{rec['prune_ratio']:g}"
+        if rec.get("refine_fraction") is not None and rec["refine_fraction"] < 1:
+            r += f", f = {rec['refine_fraction']:g}"
         lines.append(f"| {rec['model']} | {r} | " + " | ".join(cells) + f" | {prof['total']:.3g} |")
     return "\n".join(lines) + "\n"
 
@@ -98,7 +101,8 @@ def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Two panels against the prune ratio: throughput (solid: end-to-end, dotted: encoder) and G MACs. Models
-    measured at several ratios are lines; the others (dense models) are horizontal dashed lines."""
+    measured at several ratios are lines (one per refine fraction); the others (dense models) are horizontal dashed
+    lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,10 +110,12 @@ def write_plot(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     ratios = sorted({r["prune_ratio"] for r in records if r["prune_ratio"] is not None}) or [0.0]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    names = list(dict.fromkeys(r["model"] for r in records))
-    for i, name in enumerate(names):
+    series = list(dict.fromkeys((r["model"], r.get("refine_fraction")) for r in records))
+    for i, (model, fraction) in enumerate(series):
         color = f"C{i}"
-        recs = sorted((r for r in records if r["model"] == name), key=lambda r: r["prune_ratio"] or 0.0)
+        name = model if fraction is None or fraction == 1 else f"{model} f={fraction:g}"
+        recs = sorted((r for r in records if (r["model"], r.get("refine_fraction")) == (model, fraction)),
+                      key=lambda r: r["prune_ratio"] or 0.0)
         sparse = [r for r in recs if r["prune_ratio"] is not None]
         if len(sparse) >= 1 and len(recs) == len(sparse):
             xs = [r["prune_ratio"] for r in sparse]

@@ -92,19 +92,26 @@ def _macs_and_params(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
     return float(count_macs(model, tuple(x[:1].shape))), int(count_params(model, inference_only=True))
 
 
-def _runs(name: str, prune_ratios: Sequence[float] | None, baseline: str | None) -> list[float | None]:
-    """The prune ratios to measure ``name`` at: the given ones for a model with ``prune_ratio`` (the baseline
-    excepted), else [None] (the model's own setting)."""
-    if prune_ratios and name != baseline and "prune_ratio" in model_arguments(name):
-        return list(prune_ratios)
+def _settings(name: str, key: str, values: Sequence[float] | None, baseline: str | None) -> list[float | None]:
+    """The values of the runtime knob ``key`` (``prune_ratio``, ``refine_fraction``) to measure ``name`` at: the
+    given ones for a model whose constructor takes it (the baseline excepted), else [None] (its own setting)."""
+    if values and name != baseline and key in model_arguments(name):
+        return list(values)
     return [None]
 
 
-def _prune_ratio(name: str, model: nn.Module) -> float | None:
-    """The ratio a model was built with: its argument, else its ``prune_ratio`` attribute (None if it has none)."""
-    if "prune_ratio" not in model_arguments(name):
+def _runs(name: str, prune_ratios: Sequence[float] | None, refine_fractions: Sequence[float] | None,
+          baseline: str | None) -> list[tuple[float | None, float | None]]:
+    """Every (prune ratio, refine fraction) to measure ``name`` at."""
+    return [(r, f) for r in _settings(name, "prune_ratio", prune_ratios, baseline)
+            for f in _settings(name, "refine_fraction", refine_fractions, baseline)]
+
+
+def _knob(name: str, model: nn.Module, key: str) -> float | None:
+    """The value of ``key`` a model was built with: its argument, else its attribute (None if it has none)."""
+    if key not in model_arguments(name):
         return None
-    return model.model_args.get("prune_ratio", getattr(model, "prune_ratio", None))
+    return model.model_args.get(key, getattr(model, key, None))
 
 
 def _model_overrides(name: str, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +136,8 @@ def _unused_model_args(models: Sequence[str], model_args: dict[str, Any]) -> lis
 
 
 def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequence[float] | None,
-                   model_args: dict[str, Any], batch_size: int, warmup: int, repeats: int) -> None:
+                   refine_fractions: Sequence[float] | None, model_args: dict[str, Any], batch_size: int,
+                   warmup: int, repeats: int) -> None:
     known = list_models()
     for name in models:
         if name not in known:
@@ -137,6 +145,9 @@ def _check_request(models: Sequence[str], preset: str | None, prune_ratios: Sequ
     for r in prune_ratios or []:
         if not 0.0 <= r < 1.0:
             raise InputError(f"prune ratio must be in [0, 1), got {r}")
+    for f in refine_fractions or []:
+        if not 0.0 < f <= 1.0:
+            raise InputError(f"refine fraction must be in (0, 1], got {f}")
     unused = _unused_model_args(models, model_args)
     if unused:
         raise InputError(f"no benchmarked model accepts the model argument(s) {unused}")
@@ -156,6 +167,7 @@ class _Run:
 
     name: str
     prune_ratio: float | None
+    refine_fraction: float | None
     overrides: dict[str, Any]
     model: nn.Module
     infer: nn.Module
@@ -167,22 +179,24 @@ class _Run:
     peak_bytes: int = 0
 
 
-def _build(name: str, preset: str | None, prune_ratio: float | None, device: torch.device, batch_size: int,
-           model_args: dict[str, Any], cpu_fast_path: bool = True) -> _Run:
+def _build(name: str, preset: str | None, prune_ratio: float | None, refine_fraction: float | None,
+           device: torch.device, batch_size: int, model_args: dict[str, Any], cpu_fast_path: bool = True) -> _Run:
     overrides = _model_overrides(name, model_args)
-    if prune_ratio is not None:
-        overrides["prune_ratio"] = prune_ratio
+    for key, value in (("prune_ratio", prune_ratio), ("refine_fraction", refine_fraction)):
+        if value is not None:
+            overrides[key] = value
     torch.manual_seed(0)
     model = create_model(name, preset, **overrides).to(device).eval()
     x, y = make_inputs(model.model_args, batch_size, preset in SIGMOID_PRESETS, device)
     gmacs, params = _macs_and_params(model, x)
     record = {"model": name, "preset": preset,
-              "prune_ratio": _prune_ratio(name, model) if prune_ratio is None else prune_ratio,
+              "prune_ratio": _knob(name, model, "prune_ratio") if prune_ratio is None else prune_ratio,
+              "refine_fraction": _knob(name, model, "refine_fraction") if refine_fraction is None else refine_fraction,
               "params": params, "gmacs": gmacs, "encoder_throughput": None, "throughput": None,
               "latency_ms_median": None, "latency_ms_p90": None, "peak_memory_mb": None, "train_throughput": None,
               "train_peak_memory_mb": None}
     infer = optimize_for_cpu_inference(model) if cpu_fast_path and device.type == "cpu" else model
-    return _Run(name, prune_ratio, overrides, model, infer, x, y, record)
+    return _Run(name, prune_ratio, refine_fraction, overrides, model, infer, x, y, record)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -317,10 +331,11 @@ def benchmark(
     amp: bool = False,
     cuda_graphs: bool = False,
     cpu_fast_path: bool = True,
+    refine_fractions: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every model (each sparse one at every prune ratio) in this process: all are built and warmed up,
-    then timed in rounds (one call of each model per round); training steps, profiles and memory follow model by
-    model.
+    """Measure every model (each sparse one at every prune ratio and refine fraction) in this process: all are
+    built and warmed up, then timed in rounds (one call of each model per round); training steps, profiles and
+    memory follow model by model.
 
     Args:
         models: registered model names; ``baseline`` is measured first (added when missing).
@@ -343,6 +358,8 @@ def benchmark(
             (:class:`sparseseg.inference.cuda_graphs.GraphedForward`); CUDA only; training steps run as they are.
         cpu_fast_path: on the CPU, time every model's inference (and its memory child and profile) after
             :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference`; training steps run the model as built.
+        refine_fractions: sparse-decoding fractions for models whose constructor takes ``refine_fraction``
+            (measured at every prune ratio); None = their default.
 
     Returns:
         One record (dict) per (model, prune ratio); see docs/benchmark.md for the keys.
@@ -351,7 +368,7 @@ def benchmark(
     names = list(dict.fromkeys(models))
     if baseline is not None and baseline not in names:
         names.insert(0, baseline)
-    _check_request(names, preset, prune_ratios, model_args, batch_size, warmup, repeats)
+    _check_request(names, preset, prune_ratios, refine_fractions, model_args, batch_size, warmup, repeats)
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
         raise InputError(f"mixed precision (amp) is measured on CUDA only, not on {dev}")
@@ -361,11 +378,12 @@ def benchmark(
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    pairs = [(name, r) for name in names for r in _runs(name, prune_ratios, baseline)]
+    todo = [(name, r, f) for name in names for r, f in _runs(name, prune_ratios, refine_fractions, baseline)]
     runs = []
-    for i, (name, r) in enumerate(pairs, 1):
-        log.info("[%d/%d] %s%s: building", i, len(pairs), name, "" if r is None else f" r={r:g}")
-        runs.append(_build(name, preset, r, dev, batch_size, model_args, cpu_fast_path))
+    for i, (name, r, f) in enumerate(todo, 1):
+        log.info("[%d/%d] %s%s%s: building", i, len(todo), name, "" if r is None else f" r={r:g}",
+                 "" if f is None else f" f={f:g}")
+        runs.append(_build(name, preset, r, f, dev, batch_size, model_args, cpu_fast_path))
     log.info("timing inference of %d model(s) in %d round(s) after %d warm-up call(s)", len(runs), repeats, warmup)
     _time_inference(runs, dev, warmup, repeats, amp, cuda_graphs)
     for i, run in enumerate(runs, 1):
@@ -402,7 +420,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _summary(rec: dict[str, Any]) -> str:
-    parts = [f"{rec['model']}" + ("" if rec["prune_ratio"] is None else f" r={rec['prune_ratio']:g}"),
+    parts = [f"{rec['model']}" + ("" if rec["prune_ratio"] is None else f" r={rec['prune_ratio']:g}")
+             + ("" if rec.get("refine_fraction") is None else f" f={rec['refine_fraction']:g}"),
              f"{rec['gmacs']:.1f} GMACs", f"{rec['throughput']:.3g} img/s",
              f"latency {rec['latency_ms_median']:.0f} ms"]
     if rec["encoder_throughput"] is not None:

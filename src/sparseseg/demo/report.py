@@ -22,7 +22,7 @@ ZEROED, NO_SKIPS = "tokenseg_zeroed", "tokenseg_no_skips"
 ABLATIONS = {ZEROED: {"zero_tokens": True}, NO_SKIPS: {"skips": "none"}}
 LABELS = {"unetr": "UNETR (dense)", "stp_mta_unetr": "STP + MTA + UNETR", "veloxseg": "VeloxSeg",
           "tokenseg": "TokenSeg", ZEROED: "TokenSeg, tokens zeroed", NO_SKIPS: "TokenSeg, skips removed",
-          "threshold": "intensity threshold"}
+          "threshold": "intensity threshold", "stp_mta_unetr_sparse": "STP + MTA + UNETR, sparse decoding"}
 
 
 def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[str, Any]]:
@@ -36,15 +36,17 @@ def score(preds: dict[str, Path], dataset: Path, out: Path) -> dict[str, dict[st
 
 def run_benchmark(s, device: str) -> list[dict[str, Any]]:
     """:func:`sparseseg.benchmark.run.benchmark` of the two demo models on one ROI crop (the dense model is the
-    baseline of the speed-up); each model gets its own arguments (``MODEL:KEY`` overrides)."""
+    baseline of the speed-up; with sparse decoding ``stp_mta_unetr`` at refine fractions 1 and the demo's); each
+    model gets its own arguments (``MODEL:KEY`` overrides)."""
     from sparseseg.benchmark.run import benchmark
 
     args: dict[str, Any] = {"in_channels": 1, "out_channels": len(CLASS_NAMES), "img_size": s.roi}
     for name in s.models:
         args.update({f"{name}:{k}": v for k, v in s.args_of(name).items() if k != "prune_ratio"})
     ratios = [s.sparse_args["prune_ratio"]] if s.model == "stp_mta_unetr" else None
+    fractions = [1.0, s.refine_fraction] if s.refine_fraction is not None and ratios else None
     return benchmark(list(s.models), None, ratios, device=device, repeats=s.benchmark_repeats,
-                     warmup=int(s.warmup), model_args=args, memory=s.benchmark_memory)
+                     warmup=int(s.warmup), model_args=args, memory=s.benchmark_memory, refine_fractions=fractions)
 
 
 def _load(path: Path) -> np.ndarray:
@@ -71,17 +73,17 @@ def policy_summary(depth: np.ndarray, label: np.ndarray, patch_size: int, levels
 
 def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padded: Path, pad: int, s
                   ) -> dict[str, Any]:
-    """``overlay.png`` (coronal slices of the test block: image, reference, both models), ``policy.png`` (the
-    token-pruning model's pruning depths over the padded test block; only when ``stp_mta_unetr`` is in the run),
-    ``tokens.png`` (TokenSeg's kept cells and their boundary fraction; only with ``tokenseg``) and ``curves.png``
-    (both training logs)."""
+    """``overlay.png`` (coronal slices of the test block: image, reference, every prediction), ``policy.png`` (the
+    token-pruning model's pruning depths over the padded test block, with the blocks sparse decoding refined beside
+    them; only when ``stp_mta_unetr`` is in the run), ``tokens.png`` (TokenSeg's kept cells and their boundary
+    fraction; only with ``tokenseg``) and ``curves.png`` (both training logs)."""
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.visualize.plots import pick_slices, plot_curves, plot_overlay, plot_policy
-    from sparseseg.visualize.policy import model_patch_size, policy_levels, policy_map
+    from sparseseg.visualize.policy import model_patch_size, policy_levels, policy_map, refinement_map
 
     image = _load(data_root / "imagesTs" / f"{TEST_CASE}.nii.gz").astype(np.float32)
     label = _load(data_root / "labelsTs" / f"{TEST_CASE}.nii.gz").astype(np.int64)
-    preds = {LABELS[n]: _load(out / "predictions" / n / f"{TEST_CASE}.nii.gz") for n in checkpoints}
+    preds = {LABELS[n]: _load(out / "predictions" / n / f"{TEST_CASE}.nii.gz") for n in s.decoded(checkpoints)}
     slices = pick_slices(label, AP_AXIS, 4)
     pics: dict[str, Any] = {}
     pics["overlay"] = plot_overlay(image, label, preds, output=out / "overlay.png", class_names=CLASS_NAMES,
@@ -102,13 +104,19 @@ def make_pictures(checkpoints: dict[str, Path], data_root: Path, out: Path, padd
     model = model_from_checkpoint(ckpt).eval()
     depth = policy_map(model, torch.from_numpy(pimg)[None], [s.roi] * 3)
     p, levels = model_patch_size(model), policy_levels(model)
+    refine = {}
+    if s.refine_fraction is not None:  # the blocks the sparse decoding refines, beside the pruning depths
+        model.refine_fraction = s.refine_fraction
+        refine = {"refined": refinement_map(model, torch.from_numpy(pimg)[None], [s.roi] * 3),
+                  "block_size": model.sparse_decoding.block_size}
+        pics["refined_share"] = float(refine["refined"].mean())
     pics["policy"] = plot_policy(pimg, depth, p, plabel, output=out / "policy.png", num_layers=model.num_layers,
                                  depths=levels, class_names=CLASS_NAMES, slices=[pad + i for i in slices],
                                  axis=AP_AXIS, title=f"STP + MTA + UNETR, test block with {pad} replicated slices "
-                                                     f"in front: coronal slice = block slice + {pad}")
+                                                     f"in front: coronal slice = block slice + {pad}", **refine)
     pics["policy_axial"] = plot_policy(pimg, depth, p, plabel, output=out / "policy_axial.png",
                                        num_layers=model.num_layers, depths=levels, class_names=CLASS_NAMES, axis=2,
-                                       title=f"axial slices; the bottom {pad} rows replicate the cut face")
+                                       title=f"axial slices; the bottom {pad} rows replicate the cut face", **refine)
     pics["policy_stats"] = policy_summary(depth, plabel, p, levels)
     return pics
 
@@ -216,8 +224,12 @@ def _compared_line(s) -> str:
     """The settings of the model set beside unetr, for the report's setup list."""
     if s.model == "stp_mta_unetr":
         where = "after" if s.sparse_args.get("pruned_mask") == "after_norm" else "before (as the authors)"
+        decoding = ("" if s.refine_fraction is None else
+                    f" Sparse decoding: the same checkpoint with refine fraction {s.refine_fraction:g} (the "
+                    "full-resolution level on that share of the blocks, the rest from the coarse fill).")
         return (f"sparse: prune ratio {s.sparse_args['prune_ratio']}, stages after blocks "
-                f"{s.sparse_args['prune_after']}, pruned tokens masked by 1 - M {where} their MTA group norm.")
+                f"{s.sparse_args['prune_after']}, pruned tokens masked by 1 - M {where} their MTA group norm."
+                f"{decoding}")
     own = s.args_of(s.model)
     return f"{LABELS[s.model]}: " + (", ".join(f"{k} {v}" for k, v in own.items()) or "default arguments") + "."
 
@@ -227,9 +239,12 @@ def _policy_lines(pictures: dict[str, Any]) -> list[str]:
     ps = pictures.get("policy_stats")
     if ps is None:
         return []
+    refined = pictures.get("refined_share")
     return [
         "Pruning policy of STP + MTA + UNETR over the padded test block (no red: dropped by the first stage; "
-        "darkest red: kept to the last block). "
+        "darkest red: kept to the last block)"
+        + ("" if refined is None else f", and beside it the blocks its sparse decoding computed at full "
+           f"resolution (blue, {refined:.0%} of the blocks; the rest is the coarse fill)") + ". "
         f"Brain patches (at least half inside the brain mask) are {ps['brain_share_all']:.0%} of the "
         f"{ps['tokens']} tokens, {_fmt(ps['brain_share_passed'] * 100, 0)}% of those that pass the first stage and "
         f"{_fmt(ps['brain_share_kept'] * 100, 0)}% of those kept to the last block"
@@ -282,11 +297,17 @@ def _speed_note(records: list[dict[str, Any]]) -> str:
                 f"the dense UNETR {dense['gmacs']:.2f}. Measured here: end to end "
                 f"{_fmt(other.get('speedup'), 2)}x.\n")
     sparse = other
-    return (f"\nPer crop the sparse model needs {sparse['gmacs']:.2f} G MACs and the dense one "
+    note = (f"\nPer crop the sparse model needs {sparse['gmacs']:.2f} G MACs and the dense one "
             f"{dense['gmacs']:.2f}: at this size most of the work is the full-resolution convolutions of the "
             f"decoder, which pruning {100 * sparse['prune_ratio']:.0f} % of the tokens does not touch. Measured "
             f"here: encoder speed-up {_fmt(sparse.get('encoder_speedup'), 2)}x, end to end "
-            f"{_fmt(sparse.get('speedup'), 2)}x.\n")
+            f"{_fmt(sparse.get('speedup'), 2)}x.")
+    decoded = [r for r in records[2:] if (r.get("refine_fraction") or 1.0) < 1.0]
+    for rec in decoded:
+        note += (f" With sparse decoding (refine fraction {rec['refine_fraction']:g}): {rec['gmacs']:.2f} G MACs, "
+                 f"end to end {_fmt(rec.get('speedup'), 2)}x (the refined blocks carry a halo of 4 voxels each "
+                 "side, so the full-resolution level costs more than the fraction per block).")
+    return note + "\n"
 
 
 def _last_iteration(path: Path) -> int | None:

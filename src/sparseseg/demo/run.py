@@ -10,13 +10,14 @@ Steps (all through the ordinary library: :func:`~sparseseg.training.train`, :fun
    an equal share of the CPU threads (two busy processes on two cores: one thread each);
 3. predict the test block with each checkpoint, after padding its cut face by edge replication (zero padding
    there reads as the dark rim of the brain: the models paint a false CSF line along the cut), and crop back;
+   with ``refine_fraction`` below 1, ``stp_mta_unetr`` is decoded twice: densely and with sparse decoding;
 4. score both and a per-voxel intensity threshold fitted on the training case (these tissue labels are nearly
    thresholds, so it is the reference line any model must be read against);
 5. time each model's inference over the whole test block in this process, one after the other;
-6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only), kept-token (TokenSeg
-   only) and curve pictures, and write ``OUTPUT/report.md``. With TokenSeg the test block is also predicted with
-   its tokens zeroed and with its skips removed (the ablation rows of the table), and its kept cells are scored
-   against the boundary band.
+6. benchmark one ROI of each model, draw the overlay, policy (token-pruning model only, with the blocks sparse
+   decoding refined beside it), kept-token (TokenSeg only) and curve pictures, and write ``OUTPUT/report.md``. With
+   TokenSeg the test block is also predicted with its tokens zeroed and with its skips removed (the ablation rows of
+   the table), and its kept cells are scored against the boundary band.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from sparseseg.models.stp_mta.completion import PRUNED_MASKS
 
 log = logging.getLogger(__name__)
 COMPARED = ("stp_mta_unetr", "veloxseg", "tokenseg")  # models the demo can set beside the dense unetr
+SPARSE = "stp_mta_unetr_sparse"  # stp_mta_unetr decoded sparsely (refine_fraction below 1)
 # Own arguments of the other compared models at the demo's sizes (the data fills in channels and img_size).
 # VeloxSeg: the authors' model with a stride-2 stem (at 2 mm their stride-4 stem leaves 8 mm features and a 4x
 # pixel-shuffle head: thin CSF is lost, docs/veloxseg.md), as UNETR here takes patch 8 instead of 16; 48^3 crops
@@ -73,6 +75,7 @@ class DemoSettings:
     model: str = "stp_mta_unetr"  # the model set beside unetr
     other_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # veloxseg / tokenseg arguments
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    refine_fraction: float | None = None  # sparse decoding of stp_mta_unetr, scored beside its dense decoding
     timing_repeats: int = 3
     benchmark_repeats: int = 3
     benchmark_memory: bool = True
@@ -82,6 +85,15 @@ class DemoSettings:
     def models(self) -> tuple[str, str]:
         """The dense baseline and the compared model, in that order."""
         return ("unetr", self.model)
+
+    def decoded(self, checkpoints: dict[str, Path]) -> dict[str, tuple[Path, float | None]]:
+        """Every prediction the demo scores: name -> (checkpoint, refine fraction or None). With sparse decoding
+        the compared model is decoded twice, densely and as ``SPARSE`` at ``refine_fraction``."""
+        runs: dict[str, tuple[Path, float | None]] = {name: (path, None) for name, path in checkpoints.items()}
+        if self.refine_fraction is not None and self.model == "stp_mta_unetr":
+            runs[self.model] = (checkpoints[self.model], 1.0)
+            runs[SPARSE] = (checkpoints[self.model], self.refine_fraction)
+        return runs
 
     def args_of(self, name: str) -> dict[str, Any]:
         """Constructor arguments of ``name`` in this demo (the data fills in channels and ``img_size``)."""
@@ -94,7 +106,7 @@ class DemoSettings:
 
 def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: int, device: str,
                   model: str = "stp_mta_unetr", lr: float = 3e-3, pruned_mask: str = "before_norm",
-                  model_args: dict[str, Any] | None = None) -> DemoSettings:
+                  model_args: dict[str, Any] | None = None, refine_fraction: float | None = None) -> DemoSettings:
     """The full demo (2 mm, 48^3 crops, ViT dim 192 x 6 blocks, patch 8, ``minutes`` of training, default 6) or the
     quick one (4 mm, 32^3 crops, dim 48 x 3 blocks, 3 steps, no warm-up runs); ``model`` is set beside unetr;
     ``lr`` is the peak learning rate of both; ``pruned_mask`` is stp_mta_unetr's (docs/models.md); ``model_args``
@@ -109,6 +121,8 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
         raise InputError(f"--lr must be > 0, got {lr}")
     if pruned_mask not in PRUNED_MASKS:
         raise InputError(f"--pruned-mask must be one of {', '.join(PRUNED_MASKS)}, got {pruned_mask!r}")
+    if refine_fraction is not None and not 0.0 < refine_fraction <= 1.0:
+        raise InputError(f"--refine-fraction must be in (0, 1], got {refine_fraction}")
     train = {"batch_size": 2, "lr": lr, "warmup_fraction": 0.05, "weight_decay": 0.05, "layer_decay": 1.0,
              "intensity": "none", "seed": seed, "device": device, "tensorboard": False, "val_every": 1000}
     if quick:
@@ -142,6 +156,7 @@ def demo_settings(quick: bool, minutes: float | None, prune_ratio: float, seed: 
     s.other_args = {name: dict(args) for name, args in OTHER_ARGS["quick" if quick else "full"].items()}
     if model_args:
         (s.sparse_args if model == "stp_mta_unetr" else s.other_args[model]).update(model_args)
+    s.refine_fraction = refine_fraction if refine_fraction is not None and refine_fraction < 1.0 else None
     return s
 
 
@@ -237,18 +252,19 @@ def _padded_test_input(data_root: Path, work: Path, roi: int) -> tuple[Path, int
     return path, pad
 
 
-def predict_test_block(checkpoints: dict[str, Path], data_root: Path, out: Path, roi: int, device: str
-                       ) -> tuple[dict[str, Path], Path, int]:
-    """Predict the padded test block with each checkpoint (:func:`sparseseg.inference.predict`), crop the
-    prediction back onto the test block's grid and write ``OUT/predictions/MODEL/CASE.nii.gz``."""
+def predict_test_block(runs: dict[str, tuple[Path, float | None]], data_root: Path, out: Path, roi: int,
+                       device: str) -> tuple[dict[str, Path], Path, int]:
+    """Predict the padded test block for each run (name -> checkpoint and refine fraction;
+    :func:`sparseseg.inference.predict`), crop the prediction back onto the test block's grid and write
+    ``OUT/predictions/NAME/CASE.nii.gz``."""
     from sparseseg.inference.predictor import predict
 
     work = out / "work"
     padded, pad = _padded_test_input(data_root, work, roi)
     ref = nib.load(str(data_root / "imagesTs" / f"{TEST_CASE}.nii.gz"))
     written = {}
-    for name, ckpt in checkpoints.items():
-        raw = predict(ckpt, padded, work / f"pred_{name}", device=device)[0]
+    for name, (ckpt, fraction) in runs.items():
+        raw = predict(ckpt, padded, work / f"pred_{name}", device=device, refine_fraction=fraction)[0]
         labels = np.asarray(nib.load(str(raw)).dataobj)[:, pad:, :]  # [X, pad + Y, Z] -> [X, Y, Z]
         written[name] = save_nifti(labels, out / "predictions" / name / f"{TEST_CASE}.nii.gz", ref.affine,
                                    ref.header, np.uint8)
@@ -270,14 +286,15 @@ def predict_ablations(checkpoint: Path, data_root: Path, out: Path, roi: int, de
             continue  # trained that way: nothing to ablate
         model.model_args.update(change)
         rebuilt[name] = save_checkpoint(out / "work" / f"{name}.pt", model, ckpt["data"])
-    return predict_test_block(rebuilt, data_root, out, roi, device)[0]
+    return predict_test_block({k: (v, None) for k, v in rebuilt.items()}, data_root, out, roi, device)[0]
 
 
-def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repeats: int, warmup: bool = True
-                   ) -> dict[str, float]:
+def time_inference(runs: dict[str, tuple[Path, float | None]], padded: Path, device: str, repeats: int,
+                   warmup: bool = True) -> dict[str, float]:
     """Median seconds of sliding-window inference (overlap 0.5, Gaussian blending, 4 windows per call) over the
-    padded test block, per model, one after the other in this process, after one untimed run (``warmup``); on the
-    CPU each model runs through :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference`, as in ``predict``."""
+    padded test block, per run (name -> checkpoint and refine fraction), one after the other in this process,
+    after one untimed run (``warmup``); on the CPU each model runs through
+    :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference`, as in ``predict``."""
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.config import resolve_device
     from sparseseg.data.transforms import DataConfig
@@ -287,10 +304,12 @@ def time_inference(checkpoints: dict[str, Path], padded: Path, device: str, repe
     dev = resolve_device(device)
     image = torch.from_numpy(np.asarray(nib.load(str(padded)).dataobj, dtype=np.float32))[None, None].to(dev)
     seconds = {}
-    for name, path in checkpoints.items():
+    for name, (path, fraction) in runs.items():
         ckpt = load_checkpoint(path)
         roi = DataConfig.from_dict(ckpt["data"]).roi_size
         model = model_from_checkpoint(ckpt, path).to(dev).eval()
+        if fraction is not None:
+            model.refine_fraction = fraction
         if dev.type == "cpu":
             model = optimize_for_cpu_inference(model)
         times = []
@@ -323,7 +342,8 @@ def threshold_baseline(data_root: Path, out: Path) -> tuple[Path, list[float]]:
 
 def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes: float | None = None,
              device: str = "cpu", prune_ratio: float = 0.75, seed: int = 0, model: str = "stp_mta_unetr",
-             lr: float = 3e-3, pruned_mask: str = "before_norm", model_args: dict[str, Any] | None = None) -> Path:
+             lr: float = 3e-3, pruned_mask: str = "before_norm", model_args: dict[str, Any] | None = None,
+             refine_fraction: float | None = 0.25) -> Path:
     """Run the whole demo into ``output``; returns the path of ``report.md``. See the module docstring."""
     from sparseseg.demo.report import make_pictures, run_benchmark, score, write_report
 
@@ -337,18 +357,19 @@ def run_demo(output: str | Path = "sparseseg_demo", quick: bool = False, minutes
     from sparseseg.config import resolve_device
 
     resolve_device(device)  # an unavailable device fails here, before any training starts
-    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr, pruned_mask, model_args)
+    s = demo_settings(quick, minutes, prune_ratio, seed, device, model, lr, pruned_mask, model_args, refine_fraction)
     data = build_dataset(out / "data", resolution=s.resolution)
     log.info("dataset: %s", data)
     t_train = time.perf_counter()
     checkpoints = train_concurrently(data, out, s)
     train_seconds = time.perf_counter() - t_train
-    preds, padded, pad = predict_test_block(checkpoints, data.parent, out, s.roi, device)
+    runs = s.decoded(checkpoints)
+    preds, padded, pad = predict_test_block(runs, data.parent, out, s.roi, device)
     if s.model == "tokenseg":
         preds.update(predict_ablations(checkpoints["tokenseg"], data.parent, out, s.roi, device))
     preds["threshold"], thresholds = threshold_baseline(data.parent, out)
     metrics = score(preds, data, out)
-    seconds = time_inference(checkpoints, padded, device, s.timing_repeats, s.warmup)
+    seconds = time_inference(runs, padded, device, s.timing_repeats, s.warmup)
     records = run_benchmark(s, device)
     pictures = make_pictures(checkpoints, data.parent, out, padded, pad, s)
     total = time.perf_counter() - start

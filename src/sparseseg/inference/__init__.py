@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from sparseseg.inference.predictor import collect_cases, predict, set_prune_ratio
+from sparseseg.inference.predictor import collect_cases, predict, set_prune_ratio, set_refine_fraction
 
-__all__ = ["collect_cases", "predict", "set_prune_ratio"]
+__all__ = ["collect_cases", "predict", "set_prune_ratio", "set_refine_fraction"]

@@ -48,21 +48,24 @@ class InferenceGraph(nn.Module):
         return self.model(image)
 
 
-def load_for_export(checkpoint: str | Path, prune_ratio: float | None = None) -> tuple[InferenceGraph, torch.Tensor]:
+def load_for_export(checkpoint: str | Path, prune_ratio: float | None = None,
+                    refine_fraction: float | None = None) -> tuple[InferenceGraph, torch.Tensor]:
     """The checkpoint's model wrapped for export, and an example window ``[1, C, *roi_size]`` (zeros)."""
-    from sparseseg.inference.predictor import set_prune_ratio
+    from sparseseg.inference.predictor import set_prune_ratio, set_refine_fraction
 
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
     model = model_from_checkpoint(ckpt, checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
+    if refine_fraction is not None:
+        set_refine_fraction(model, refine_fraction, checkpoint)
     example = torch.zeros(1, data_cfg.in_channels, *data_cfg.roi_size)
     return InferenceGraph(model).eval(), example
 
 
 def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", prune_ratio: float | None = None,
-           opset: int = ONNX_OPSET) -> Path:
+           opset: int = ONNX_OPSET, refine_fraction: float | None = None) -> Path:
     """Write the checkpoint's network as ``format`` (``onnx`` or ``torchscript``) to ``output`` (atomically).
 
     Args:
@@ -71,6 +74,9 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", pru
         format: ``onnx`` or ``torchscript`` (a traced module: ``torch.jit.load(output)``).
         prune_ratio: test-time pruning ratio of a sparse model (None keeps the trained one).
         opset: ONNX opset version.
+        refine_fraction: share of the full-resolution blocks a model with sparse decoding computes (None keeps the
+            trained one): the block selection is exported as ``TopK``, the block gathers and the scatter of the
+            refined logits as ``Gather`` / ``ScatterElements``, with the number of blocks fixed.
 
     Returns:
         ``output``.
@@ -81,7 +87,7 @@ def export(checkpoint: str | Path, output: str | Path, format: str = "onnx", pru
     if output.is_dir():
         raise InputError("output must be a file, not a folder", output)
     check_writable(output.parent)
-    graph, example = load_for_export(checkpoint, prune_ratio)
+    graph, example = load_for_export(checkpoint, prune_ratio, refine_fraction)
     name = getattr(graph.model, "model_name", type(graph.model).__name__)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python int it records (token counts, grid sizes): they are fixed by the

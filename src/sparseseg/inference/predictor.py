@@ -55,6 +55,20 @@ def set_prune_ratio(model: nn.Module, prune_ratio: float, source: str | Path | N
                          source)
 
 
+def set_refine_fraction(model: nn.Module, refine_fraction: float, source: str | Path | None = None) -> None:
+    """Test-time sparse decoding: the ``refine_fraction`` attribute (share of the full-resolution blocks decoded,
+    in (0, 1], 1 = dense); a model without sparse decoding raises InputError."""
+    if not 0.0 < refine_fraction <= 1.0:
+        raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}", source)
+    if not hasattr(model, "refine_fraction"):
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no sparse decoding "
+                         "(refine fraction)", source)
+    try:
+        model.refine_fraction = refine_fraction
+    except ValueError as err:
+        raise InputError(str(err), source) from err
+
+
 def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
     out = output_dir.resolve()
     if out.exists() and not out.is_dir():
@@ -107,7 +121,8 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
-            output_format: str | None = None, cpu_fast_path: bool = True) -> list[Path]:
+            output_format: str | None = None, cpu_fast_path: bool = True,
+            refine_fraction: float | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -130,6 +145,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             inputs only); None writes each case in its input's format (NIfTI for a DICOM series).
         cpu_fast_path: on the CPU, run the model through
             :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
+        refine_fraction: test-time share of the full-resolution blocks decoded by a model with sparse decoding
+            (None keeps the checkpoint's; 1 = dense decoding).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -143,6 +160,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if refine_fraction is not None and not 0.0 < refine_fraction <= 1.0:
+        raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}")
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
     failures: list[InputError] = []
@@ -159,6 +178,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     model = model_from_checkpoint(ckpt, checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
+    if refine_fraction is not None:
+        set_refine_fraction(model, refine_fraction, checkpoint)
     model.to(dev).eval()
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
     if cpu_fast_path and dev.type == "cpu":

@@ -4,8 +4,8 @@
 * outputs: softmax classes, or sigmoid regions when ``label_mode`` is ``regions``, or ``auto`` with the
   ``brats`` preset or a dataset that declares regions (nnU-Net) / has the MSD Task01 labels (TC/WT/ET);
 * ROI: ``config.roi_size``, else the model's ``img_size`` (preset or ``--model-arg``), else 96^3;
-* the model gets ``in_channels``, ``out_channels`` and ``img_size`` from the data, and ``prune_ratio`` from the
-  config, whenever its constructor takes them.
+* the model gets ``in_channels``, ``out_channels``, ``img_size`` and ``sigmoid`` (sigmoid regions or softmax
+  classes) from the data, and ``prune_ratio`` from the config, whenever its constructor takes them.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def build_model(config: TrainConfig, data_cfg: DataConfig) -> nn.Module:
     roi = data_cfg.roi_size
     geometry = {"in_channels": data_cfg.in_channels, "out_channels": data_cfg.out_channels,
                 "img_size": roi[0] if len(set(roi)) == 1 and not isinstance(args.get("img_size"), Sequence)
-                else tuple(roi)}
+                else tuple(roi), "sigmoid": data_cfg.sigmoid}
     for key, value in geometry.items():
         if key not in valid:
             continue

@@ -188,10 +188,11 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
                 output: str | Path, num_layers: int | None = None, depths: Sequence[int] | None = None,
                 class_names: Sequence[str] | None = None, slices: Sequence[int] | None = None, axis: int = 2,
                 num_slices: int = 4, title: str | None = None, figsize: tuple[float, float] | None = None,
-                dpi: int = DPI) -> Path:
+                dpi: int = DPI, refined: np.ndarray | None = None, block_size: int | None = None) -> Path:
     """The pruning policy over image slices (paper Fig. 2): each patch shaded by the depth at which its token left
     the encoder. Tokens dropped by the first pruning stage are not shaded; the longer a token was kept, the darker
-    its red; tokens kept to the last block are the darkest.
+    its red; tokens kept to the last block are the darkest. With ``refined`` a column beside it shows where sparse
+    decoding computed the full-resolution level (blue blocks; the rest came from the coarse fill).
 
     Args:
         image: ``[X, Y, Z]`` (or ``[C, X, Y, Z]``) whose sides are covered by the patch grid.
@@ -204,9 +205,20 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
         depths: every depth a token can have (the ``prune_after`` blocks and ``num_layers``), so the shades keep
             their meaning when a stage dropped nothing in view; default the depths present.
         output, class_names, slices, axis, num_slices, title, figsize, dpi: as in :func:`plot_overlay`.
+        refined: optional per-block flags ``[d, h, w]`` (``d = ceil(X / block_size)``, ...) of the blocks sparse
+            decoding refined (``model.refined_blocks``).
+        block_size: side of those blocks in voxels.
     """
     _check_axis(axis)
     img = _as_volume(image, "image").astype(np.float32)
+    if refined is not None:
+        if block_size is None:
+            raise ValueError("refined blocks need their block_size")
+        bgrid = tuple(math.ceil(s / block_size) for s in img.shape)
+        if np.asarray(refined).size != math.prod(bgrid):
+            raise ValueError(f"refined has {np.asarray(refined).size} blocks, the image {img.shape} with blocks of "
+                             f"{block_size} has {math.prod(bgrid)} ({bgrid})")
+        refine_shade = policy_volume(np.asarray(refined, dtype=np.int64), bgrid, block_size, img.shape)
     grid = tuple(math.ceil(s / patch_size) for s in img.shape)
     pol = np.asarray(policy)
     if pol.size != math.prod(grid):
@@ -229,8 +241,11 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
     if lab is not None and lab.shape != img.shape:
         raise ValueError(f"label shape {lab.shape} differs from the image shape {img.shape}")
     idx = list(slices) if slices is not None else pick_slices(lab if lab is not None else img, axis, num_slices)
-    cols = 3 if lab is not None else 2
+    names = ["image", "pruning depth"] + (["refined blocks"] if refined is not None else []) + (
+        ["reference"] if lab is not None else [])
+    cols = len(names)
     fig, axes = _grid_figure(len(idx), cols, legend=True, figsize=figsize, aspect=panel_aspect(img.shape, axis))
+    blue = ListedColormap([(0.0, 0.0, 0.0, 0.0), to_rgba("#2171b5")])
     lo, hi = _window(img)
     num_classes = int(lab.max()) + 1 if lab is not None else 0
     if class_names is not None:
@@ -248,18 +263,25 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
             axes[r, 1].axvline(k - 0.5, color="white", lw=0.3, alpha=0.5)
         for k in range(patch_size, h, patch_size):
             axes[r, 1].axhline(k - 0.5, color="white", lw=0.3, alpha=0.5)
+        if refined is not None:
+            axes[r, 2].imshow(_slice(refine_shade, axis, s), cmap=blue, vmin=-0.5, vmax=1.5, alpha=0.5,
+                              origin="lower", interpolation="nearest")
         if lab is not None:
-            axes[r, 2].imshow(_slice(lab, axis, s), cmap=_label_cmap(num_classes), vmin=-0.5,
+            axes[r, cols - 1].imshow(_slice(lab, axis, s), cmap=_label_cmap(num_classes), vmin=-0.5,
                               vmax=num_classes - 0.5, alpha=0.55, origin="lower", interpolation="nearest")
         axes[r, 0].set_ylabel(f"slice {s}", fontsize=8)
-    for c, name in enumerate(["image", "pruning depth", "reference"][:cols]):
+    for c, name in enumerate(names):
         axes[0, c].set_title(name, fontsize=9)
     handles = [Patch(facecolor=colors[i], edgecolor="0.5",
                      label=(f"dropped after block {d}" if d < top else f"kept to block {d}"))
                for i, d in enumerate(levels)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    if refined is not None:
+        handles.append(Patch(facecolor=blue(1), edgecolor="0.5", label="refined at full resolution"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
     kept = float(np.mean(pol >= top))
     summary = f"pruning policy: {100 * kept:.0f}% of the tokens kept to the last block"
+    if refined is not None:
+        summary += f"; decoder: {100 * float(np.mean(np.asarray(refined))):.0f}% of the blocks refined"
     fig.suptitle(f"{title}\n{summary}" if title else summary, fontsize=9, y=1 - 0.05 / fig.get_figheight(),
                  va="top")
     return _save(fig, output, dpi)

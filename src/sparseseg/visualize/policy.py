@@ -2,7 +2,8 @@
 
 A model sees one ROI window at a time and prunes within it, so the volume is cut into non-overlapping ROI tiles
 (padded by edge replication up to a whole number of tiles) and ``model.pruning_policy`` is called on each tile;
-the per-token depths are stitched into one patch grid over the volume.
+the per-token depths are stitched into one patch grid over the volume. :func:`refinement_map` does the same for
+the blocks sparse decoding refines (``model.refined_blocks``).
 """
 
 from __future__ import annotations
@@ -70,19 +71,36 @@ def policy_map(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], b
     """
     if not callable(getattr(model, "pruning_policy", None)):
         raise ValueError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no pruning_policy")
-    p = model_patch_size(model)
+    return _stitched(model.pruning_policy, model, image, roi_size, model_patch_size(model), batch_size)
+
+
+@torch.inference_mode()
+def refinement_map(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], batch_size: int = 4
+                   ) -> np.ndarray:
+    """Stitched flags ``[bx, by, bz]`` (blocks of ``model.sparse_decoding.block_size`` voxels) of the blocks an
+    eval-mode model's sparse decoding refines at its current ``refine_fraction``, over ``image`` ``[C, X, Y, Z]``
+    cut into ROI tiles as in :func:`policy_map`. Raises ValueError for a model without sparse decoding."""
+    if not callable(getattr(model, "refined_blocks", None)):
+        raise ValueError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no sparse decoding")
+    return _stitched(model.refined_blocks, model, image, roi_size, model.sparse_decoding.block_size, batch_size)
+
+
+def _stitched(fn, model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], unit: int,
+              batch_size: int) -> np.ndarray:
+    """``fn`` of every ROI tile of ``image`` (``[b, C, *roi] -> [b, ...]`` values per ``unit``-sided cell,
+    raster order) stitched into one grid over the image (edge-replicated up to whole tiles, cut back)."""
     roi = [int(r) for r in roi_size]
-    if any(r % p for r in roi):
-        raise ValueError(f"roi_size {roi} must be divisible by the patch size {p}")
+    if any(r % unit for r in roi):
+        raise ValueError(f"roi_size {roi} must be divisible by {unit} (patch or block side)")
     shape = image.shape[1:]
-    tg = [r // p for r in roi]  # patch grid of one tile
+    tg = [r // unit for r in roi]  # cells of one tile
     grid = np.zeros([math.ceil(s / r) * g for s, r, g in zip(shape, roi, tg, strict=True)], dtype=np.int64)
     dev = next(model.parameters()).device
     for chunk, batch in roi_tiles(image, roi, batch_size):
-        depth = model.pruning_policy(batch.to(dev)).cpu().numpy().reshape(len(chunk), *tg)  # [b, N] -> [b, *tg]
-        for (i, j, k), d in zip(chunk, depth, strict=True):
+        values = fn(batch.to(dev)).long().cpu().numpy().reshape(len(chunk), *tg)  # [b, ...] -> [b, *tg]
+        for (i, j, k), d in zip(chunk, values, strict=True):
             grid[i * tg[0]:(i + 1) * tg[0], j * tg[1]:(j + 1) * tg[1], k * tg[2]:(k + 1) * tg[2]] = d
-    return grid[: math.ceil(shape[0] / p), : math.ceil(shape[1] / p), : math.ceil(shape[2] / p)]
+    return grid[: math.ceil(shape[0] / unit), : math.ceil(shape[1] / unit), : math.ceil(shape[2] / unit)]
 
 
 def policy_from_checkpoint(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path],

@@ -83,14 +83,24 @@ class UnetrDecoder(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, C_in, D, H, W]``, ``num_skips`` maps and the bottleneck ``[B, hidden, *G]`` -> logits
         ``[B, out_channels, D, H, W]`` (contiguous); channels-last inside on the CPU."""
+        return self.decode_fine(x, self.decode_coarse(skips, bottleneck)).contiguous()
+
+    def decode_coarse(self, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+        """Every level below full resolution: the input of ``decoder2``, ``[B, 2F, D/2, H/2, W/2]`` (channels-last
+        on the CPU). Sparse decoding (:mod:`~.sparse_decoding`) computes this part densely."""
         if len(skips) != self.num_skips:
             raise ValueError(f"{type(self).__name__} takes {self.num_skips} skip maps, got {len(skips)}")
-        logits = self._decode(_channels_last(x), [_channels_last(s) for s in skips], _channels_last(bottleneck))
-        return logits.contiguous()
+        return self._decode(_channels_last(bottleneck), [_channels_last(s) for s in skips])
+
+    def decode_fine(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The full-resolution level: ``encoder1`` on the image ``x``, the last up block on ``coarse`` and the head
+        -> logits ``[B, out_channels, D, H, W]`` (channels-last on the CPU)."""
+        return self.out(self.decoder2(coarse, self.encoder1(_channels_last(x))))
 
     @abc.abstractmethod
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
-        """The decoder proper, on channels-last maps on the CPU (each subclass wires its own blocks)."""
+    def _decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The levels below full resolution, on channels-last maps on the CPU (each subclass wires its own
+        blocks)."""
 
 
 class OriginalDecoder(UnetrDecoder):
@@ -110,12 +120,11 @@ class OriginalDecoder(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+    def _decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         enc2, enc3, enc4 = self.encoder2(skips[0]), self.encoder3(skips[1]), self.encoder4(skips[2])
         d = self.decoder5(bottleneck, enc4)  # G -> 2G
         d = self.decoder4(d, enc3)  # 2G -> 4G
-        d = self.decoder3(d, enc2)  # 4G -> 8G
-        return self.out(self.decoder2(d, self.encoder1(x)))  # 8G -> 16G = full size
+        return self.decoder3(d, enc2)  # 4G -> 8G (decoder2 then goes to 16G = full size)
 
 
 class DecoderV2(UnetrDecoder):
@@ -136,12 +145,11 @@ class DecoderV2(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+    def _decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         enc2, enc3, enc4 = self.encoder2(skips[0]), self.encoder3(skips[1]), self.encoder4(skips[2])
         d = self.decoder5(self.pool(bottleneck), enc4)  # G -> G/2 -> G
         d = self.decoder4(d, enc3)  # G -> 2G
-        d = self.decoder3(d, enc2)  # 2G -> 4G
-        return self.out(self.decoder2(d, self.encoder1(x)))  # 4G -> 8G = full size
+        return self.decoder3(d, enc2)  # 2G -> 4G (decoder2 then goes to 8G = full size)
 
 
 class DecoderV1(UnetrDecoder):
@@ -159,11 +167,10 @@ class DecoderV1(UnetrDecoder):
         self.decoder3 = _up(4 * f, 2 * f, norm_name)
         self.decoder2 = _up(2 * f, f, norm_name)
 
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> torch.Tensor:
+    def _decode(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         enc2, enc3 = self.encoder2(skips[0]), self.encoder3(skips[1])
         d = self.decoder4(bottleneck, enc3)  # G -> 2G
-        d = self.decoder3(d, enc2)  # 2G -> 4G
-        return self.out(self.decoder2(d, self.encoder1(x)))  # 4G -> 8G = full size
+        return self.decoder3(d, enc2)  # 2G -> 4G (decoder2 then goes to 8G = full size)
 
 
 def build_decoder(name: str, *, patch_size: int, grid_size: Sequence[int], in_channels: int, out_channels: int,

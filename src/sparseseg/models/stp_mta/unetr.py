@@ -14,21 +14,28 @@ Block indices are 1-based block counts everywhere (``3`` = the output of the thi
 
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from sparseseg.models.common.blocks import block_grid
 from sparseseg.models.common.decoders import DECODERS, build_decoder
 from sparseseg.models.common.output import SegmentationOutput
 from sparseseg.models.common.registry import register_model
+from sparseseg.models.common.sparse_decoding import SparseDecoding, check_decoder
 from sparseseg.models.common.tokens import num_keep
 from sparseseg.models.common.vit import ViT3d, tokens_to_map
 from sparseseg.models.stp_mta.completion import build_completion
 from sparseseg.models.stp_mta.pruning import SparseEncoding, SparseViTEncoder
 
+REFINE_BLOCK = 16  # full-resolution side of a refined block (docs/models.md, "Sparse decoding")
 _VIT_B = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12}
-PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"}, "brats": {"patch_size": 8, "decoder": "v1"}}
+PRESETS_DENSE = {"btcv": {"patch_size": 8, "decoder": "v2"},
+                 "brats": {"patch_size": 8, "decoder": "v1", "sigmoid": True}}
 PRESETS_SPARSE = {"btcv": {**PRESETS_DENSE["btcv"], "prune_ratio": 0.9},
                   "brats": {**PRESETS_DENSE["brats"], "prune_ratio": 0.75}}
 
@@ -48,27 +55,56 @@ def default_skip_layers(num_layers: int, num_skips: int) -> tuple[int, ...]:
     return tuple(k * num_layers // (num_skips + 1) + 1 for k in range(1, num_skips + 1))
 
 
+class DecoderInputs(NamedTuple):
+    """What an encoder hands the decoder: skip maps and bottleneck (``[B, hidden, *grid_size]`` each), the
+    auxiliary losses and, for sparse encoders, the pruning depth ``[B, N]`` (where to refine)."""
+
+    skips: list[torch.Tensor]
+    bottleneck: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] | None = None
+    depth: torch.Tensor | None = None
+
+
 def _default_decoder(decoder: str | None, patch_size: int) -> str:
     if decoder is not None:
         return decoder
     return "original" if patch_size == 16 else "v2"
 
 
-class _UnetrBase(nn.Module):
+class _UnetrBase(nn.Module, abc.ABC):
     """Decoder parts shared by both models; the subclass registers the ViT (``self.vit`` or ``self.encoder.vit``)."""
 
     def __init__(self, *, vit: ViT3d, in_channels: int, out_channels: int, patch_size: int, feature_size: int,
-                 norm_name: str | tuple, decoder: str | None):
+                 norm_name: str | tuple, decoder: str | None, refine_fraction: float, refine_score: str,
+                 refine_block: int | None, sigmoid: bool):
         super().__init__()
         decoder = _default_decoder(decoder, patch_size)
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; valid decoders: {', '.join(DECODERS)}")
         self.grid_size = vit.grid_size
+        self.patch_size = patch_size
         self.num_layers = len(vit.blocks)
         self.decoder_name = decoder
         self.decoder = build_decoder(decoder, patch_size=patch_size, grid_size=self.grid_size, in_channels=in_channels,
                                      out_channels=out_channels, hidden_size=vit.hidden_size,
                                      feature_size=feature_size, norm_name=norm_name)
+        self.sparse_decoding = SparseDecoding(in_channels, 2 * feature_size, out_channels,
+                                              refine_fraction=refine_fraction,
+                                              refine_score=refine_score, sigmoid=sigmoid,
+                                              block_size=REFINE_BLOCK if refine_block is None else refine_block)
+        self.refine_fraction = refine_fraction  # checks the decoder when below 1
+
+    @property
+    def refine_fraction(self) -> float:
+        """Share of the full-resolution blocks the decoder computes, in (0, 1]; 1 = dense decoding (the paper's).
+        A plain runtime attribute: the parameters do not depend on it."""
+        return self.sparse_decoding.refine_fraction
+
+    @refine_fraction.setter
+    def refine_fraction(self, value: float) -> None:
+        if float(value) < 1.0:
+            check_decoder(self.decoder)  # ValueError for a decoder it cannot run (e.g. batch norm)
+        self.sparse_decoding.refine_fraction = value
 
     def layer_id(self, name: str) -> int:
         """Layer-wise lr decay id of a parameter: 0 = embeddings and [CLS], ``b + 1`` = block ``b`` (0-based),
@@ -82,12 +118,32 @@ class _UnetrBase(nn.Module):
                 return int(rest[1]) + 1
         return self.num_layers + 1
 
-    def _decode(self, x: torch.Tensor, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor,
-                aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor | SegmentationOutput:
-        logits = self.decoder(x, skips, bottleneck)  # [B, out_channels, D, H, W]
+    @abc.abstractmethod
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
+        """Encoder (+ completion) of ``x`` ``[B, C_in, D, H, W]``: what the decoder reads (each model's own)."""
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+        inputs = self._decoder_inputs(x)
+        logits, coarse = self.sparse_decoding(self.decoder, x, inputs.skips, inputs.bottleneck, inputs.depth,
+                                              self.patch_size)
         if not self.training:
-            return logits
-        return SegmentationOutput(logits, dict(aux_losses or {}))
+            return logits  # [B, out_channels, D, H, W]
+        return SegmentationOutput(logits, dict(inputs.aux_losses or {}), deep_supervision=[coarse])
+
+    @torch.no_grad()
+    def refined_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Which full-resolution blocks the decoder computes at the current ``refine_fraction`` (all at 1), as
+        ``[B, *block_grid]`` bool (blocks of ``sparse_decoding.block_size`` voxels, raster order); the inference
+        selection (call it on an eval-mode model)."""
+        sd = self.sparse_decoding
+        grid = block_grid(x.shape[2:], sd.block_size)
+        if self.refine_fraction >= 1.0:
+            return torch.ones(x.shape[0], *grid, dtype=torch.bool, device=x.device)
+        inputs = self._decoder_inputs(x)
+        fill = sd.fill(x, self.decoder.decode_coarse(inputs.skips, inputs.bottleneck))
+        idx = sd.select(fill, inputs.depth, self.patch_size).idx  # [B, K]
+        chosen = torch.zeros(x.shape[0], math.prod(grid), dtype=torch.bool, device=x.device)
+        return chosen.scatter_(1, idx, True).view(x.shape[0], *grid)
 
 
 @register_model("unetr", presets=PRESETS_DENSE)
@@ -106,6 +162,13 @@ class UNETR(_UnetrBase):
         skip_layers: 1-based blocks whose outputs feed the decoder skips, shallow to deep; None = spread over the
             depth (:func:`default_skip_layers`): with 12 blocks 4/7/10 (``original``, ``v2``) and 5/9 (``v1``), the
             authors' and MONAI's ``hidden_states_out[3/6/9]`` and ``[4/8]``.
+        refine_fraction: share of the full-resolution blocks decoded, in (0, 1]; 1 = dense decoding. A runtime
+            attribute (:mod:`~sparseseg.models.common.sparse_decoding`).
+        refine_score: where to refine below 1: "margin" | "entropy" (uncertainty of the coarse prediction) |
+            "depth" (STP pruning depth; the dense model falls back to "margin").
+        refine_block: full-resolution side of a refined block (even); None = 16.
+        sigmoid: outputs are sigmoid regions (BraTS) rather than softmax classes: how the coarse prediction's
+            uncertainty is read (set from the data by ``sparseseg train``).
 
     Examples:
         >>> model = UNETR(in_channels=1, out_channels=2, img_size=32, patch_size=8, hidden_size=48, mlp_dim=96,
@@ -118,12 +181,16 @@ class UNETR(_UnetrBase):
                  patch_size: int = 8, feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
                  num_layers: int = 12, num_heads: int = 12, dropout_rate: float = 0.0, qkv_bias: bool = True,
                  norm_name: str | tuple = "instance", decoder: str | None = None,
-                 skip_layers: Sequence[int] | None = None, drop_path_rate: float = 0.0):
+                 skip_layers: Sequence[int] | None = None, drop_path_rate: float = 0.0,
+                 refine_fraction: float = 1.0, refine_score: str = "margin", refine_block: int | None = None,
+                 sigmoid: bool = False):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias, drop_path_rate=drop_path_rate)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
-                         feature_size=feature_size, norm_name=norm_name, decoder=decoder)
+                         feature_size=feature_size, norm_name=norm_name, decoder=decoder,
+                         refine_fraction=refine_fraction, refine_score=refine_score, refine_block=refine_block,
+                         sigmoid=sigmoid)
         self.vit = vit
         skips = (default_skip_layers(num_layers, self.decoder.num_skips) if skip_layers is None
                  else tuple(int(s) for s in skip_layers))
@@ -143,10 +210,10 @@ class UNETR(_UnetrBase):
                 taps[i + 1] = z
         return self.vit.norm(z), [taps[s] for s in self.skip_layers]
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
         final, taps = self.forward_encoder(x)
         skips = [tokens_to_map(t[:, 1:], self.grid_size) for t in taps]  # [B, N, C] -> [B, C, d, h, w]
-        return self._decode(x, skips, tokens_to_map(final[:, 1:], self.grid_size))
+        return DecoderInputs(skips, tokens_to_map(final[:, 1:], self.grid_size))
 
     @torch.no_grad()
     def pruning_policy(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +237,7 @@ class STPMTAUNETR(_UnetrBase):
         pruned_mask: where MTA multiplies each pruned token by its straight-through ``1 - M`` in training:
             "before_norm" (the authors' code: the group's LayerNorm cancels it, so only the kept tokens train the
             scorer) | "after_norm" (both groups train it). See :mod:`~.completion`.
+        refine_fraction, refine_score, refine_block, sigmoid: sparse decoding, as in :class:`UNETR`.
 
     Examples:
         >>> model = STPMTAUNETR(in_channels=1, out_channels=2, img_size=32, hidden_size=48, mlp_dim=96,
@@ -186,12 +254,15 @@ class STPMTAUNETR(_UnetrBase):
                  prune_after: Sequence[int] = (3, 6, 9), scorer: str = "mlp", completion: str = "mta",
                  perturbation: str = "gumbel", tau: float = 1.0, completion_size: int = 768,
                  completion_depth: int = 1, completion_heads: int = 12, drop_path_rate: float = 0.0,
-                 pruned_mask: str = "before_norm"):
+                 pruned_mask: str = "before_norm", refine_fraction: float = 1.0, refine_score: str = "margin",
+                 refine_block: int | None = None, sigmoid: bool = False):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias, drop_path_rate=drop_path_rate)
         super().__init__(vit=vit, in_channels=in_channels, out_channels=out_channels, patch_size=patch_size,
-                         feature_size=feature_size, norm_name=norm_name, decoder=decoder)
+                         feature_size=feature_size, norm_name=norm_name, decoder=decoder,
+                         refine_fraction=refine_fraction, refine_score=refine_score, refine_block=refine_block,
+                         sigmoid=sigmoid)
         self.prune_ratio = prune_ratio
         self.encoder = SparseViTEncoder(vit, prune_after, scorer=scorer, perturbation=perturbation, tau=tau)
         self.completion = build_completion(completion, num_groups=len(self.encoder.prune_after) + 1,
@@ -220,10 +291,10 @@ class STPMTAUNETR(_UnetrBase):
         """Patch embedding + blocks + scorers (no completion, no decoder); see :class:`SparseEncoding`."""
         return self.encoder(x, self.prune_ratio)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | SegmentationOutput:
+    def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
         enc = self.forward_encoder(x)
         feat = tokens_to_map(self.completion(enc), self.grid_size)  # [B, N, C] -> [B, C, d, h, w]
-        return self._decode(x, [feat] * self.decoder.num_skips, feat, enc.aux_losses)
+        return DecoderInputs([feat] * self.decoder.num_skips, feat, enc.aux_losses, enc.depth)
 
     @torch.no_grad()
     def pruning_policy(self, x: torch.Tensor) -> torch.Tensor:
