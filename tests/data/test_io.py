@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from conftest import TEST_AFFINE, save, synthetic_case
-from sparseseg.data.io import load_image, load_label, read_header_shape, save_nifti, strip_nifti_ending
+from sparseseg.data.io import atomic_write, load_image, load_label, read_header_shape, save_nifti, strip_nifti_ending
 from sparseseg.errors import InputError
 
 
@@ -89,3 +90,18 @@ def test_channel_shape_mismatch(tmp_path):
 def test_strip_ending():
     assert strip_nifti_ending("case_01.nii.gz") == "case_01"
     assert strip_nifti_ending("case.nii") == "case"
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_write(tmp_path):
+    """A new file gets 0666 less the umask (not mkstemp's 0600); a replaced file keeps its own mode."""
+    mask = os.umask(0o022)
+    try:
+        new = atomic_write(tmp_path / "new.txt", lambda tmp: tmp.write_text("a"))
+        assert new.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        atomic_write(kept, lambda tmp: tmp.write_text("new"))
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(mask)

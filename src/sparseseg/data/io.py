@@ -308,7 +308,10 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
         if err.errno in WRITE_FAULTS:
             raise _write_error(path, err.errno, size, previous) from err
         raise InputError(f"cannot write here ({_one_line(err)})", path) from err
-    os.close(fd)
+    try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp creates 0600; a written file gets what open() would give it
+    finally:
+        os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -326,6 +329,16 @@ def atomic_write(path: str | Path, write, *, size: int | None = None) -> Path:
             raise _write_error(path, code, size, previous) from err
         raise
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """Permission bits for ``path``: those of the file it replaces, else 0666 less the process umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 # Errors of the file system, not of the data: a full disk or quota, a file too large, a read-only mount, a refused
