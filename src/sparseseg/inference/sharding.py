@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -229,7 +230,7 @@ def _predict_share(todo: list[str], predict_case: Callable[[str], list[Path]], s
                    stop: StopRequest) -> None:
     bar = tqdm(total=len(todo), desc=f"{shard.label}predict".strip(), unit="case",
                disable=len(todo) < 2 or shard.local_index != 0 or not sys.stderr.isatty())
-    with bar, logging_redirect_tqdm():
+    with bar, (nullcontext() if bar.disable else logging_redirect_tqdm()):  # log lines above the bar
         for i, name in enumerate(todo):
             if stop.requested:
                 raise _stopped(stop, shard, result, f"after {i} of {len(todo)} case(s) to do")
