@@ -272,13 +272,21 @@ def _wait_for_the_others(group: str, shard: Shard, result: ShareResult, stop: St
     logs the totals."""
     if not group:
         return
-    work = dist.barrier(async_op=True)
-    while not work.is_completed():
-        if stop.requested:
-            raise _stopped(stop, shard, result, "while waiting for the other processes, all of its cases done")
-        time.sleep(POLL_SECONDS)
     counts = [None] * shard.count
-    dist.all_gather_object(counts, (len(result.written), len(result.skipped), len(result.failures), result.cases))
+    try:
+        work = dist.barrier(async_op=True)
+        while not work.is_completed():
+            if stop.requested:
+                raise _stopped(stop, shard, result, "while waiting for the other processes, all of its cases done")
+            time.sleep(POLL_SECONDS)
+        work.wait()  # raises when another process ended instead of arriving
+        dist.all_gather_object(counts, (len(result.written), len(result.skipped), len(result.failures), result.cases))
+    except RuntimeError as err:  # Gloo: "Connection closed by peer" and the like
+        log.debug("%s%s", shard.label, err)
+        raise SparsesegError(f"{shard.label}another process ended before finishing its share (its own error says "
+                             f"why); this process's cases are done ({len(result.written)} written, "
+                             f"{len(result.skipped)} skipped, {len(result.failures)} failed): rerun with "
+                             "--skip-existing to finish the rest") from err
     if shard.index == 0:
         written, skipped, failed, total = (sum(c[k] for c in counts) for k in range(4))
         log.info("%d process(es): %d case(s), %d written, %d skipped, %d failed", shard.count, total, written,
