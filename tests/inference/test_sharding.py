@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
 
 
-def _cases(folder: Path, count: int, shape=(16, 16, 16)) -> Path:
+def _cases(folder: Path, count: int, shape=(12, 12, 12)) -> Path:
     for i in range(count):
         save(synthetic_case(shape, seed=i)[0], folder / f"case_{i:02d}.nii.gz")
     return folder
@@ -78,11 +78,11 @@ def test_split_puts_every_case_in_exactly_one_share():
 
 def test_shards_by_hand_write_each_case_once(tmp_path, counted):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    inputs = _cases(tmp_path / "in", 5)
+    inputs = _cases(tmp_path / "in", 4)
     written = [predict(ckpt, inputs, tmp_path / "out", shard=f"{i}/3", device="cpu") for i in range(3)]
     names = [p.name for w in written for p in w]
-    assert sorted(names) == [f"case_{i:02d}.nii.gz" for i in range(5)]
-    assert sorted(counted) == [f"case_{i:02d}" for i in range(5)]  # each case segmented once
+    assert sorted(names) == [f"case_{i:02d}.nii.gz" for i in range(4)]
+    assert sorted(counted) == [f"case_{i:02d}" for i in range(4)]  # each case segmented once
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
 
 
@@ -97,7 +97,7 @@ def test_a_broken_header_is_reported_by_the_first_share_only(tmp_path):
 
 def test_skip_existing_skips_done_cases_and_not_temporaries(tmp_path, counted, caplog):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    inputs, out = _cases(tmp_path / "in", 4), tmp_path / "out"
+    inputs, out = _cases(tmp_path / "in", 3), tmp_path / "out"
     predict(ckpt, inputs, out, device="cpu", save_probabilities=True)
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     (out / "case_01.nii.gz").unlink()  # as a killed run leaves it: the temporary, not the file
@@ -107,14 +107,14 @@ def test_skip_existing_skips_done_cases_and_not_temporaries(tmp_path, counted, c
     caplog.set_level("INFO", logger="sparseseg")
     written = predict(ckpt, inputs, out, device="cpu", save_probabilities=True, skip_existing=True)
     assert counted == ["case_01", "case_02"] and [p.name for p in written] == ["case_01.nii.gz", "case_02.nii.gz"]
-    assert "skipping 2 of 4 case(s) whose outputs exist" in caplog.text
+    assert "skipping 1 of 3 case(s) whose outputs exist" in caplog.text
     assert "removed 1 temporary file(s) left by a stopped run" in caplog.text
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items() if n.startswith(("case_00", "case_03")))
+    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items() if n.startswith("case_00"))
 
     counted.clear()
     predict(ckpt, inputs, out, device="cpu")  # without the flag, existing outputs are replaced
-    assert counted == [f"case_{i:02d}" for i in range(4)]
+    assert counted == ["case_00", "case_01", "case_02"]
 
 
 def test_remove_temporaries_keeps_other_files(tmp_path):
@@ -131,7 +131,7 @@ def test_signal_between_cases_then_resume(tmp_path, capsys, monkeypatch, counted
     """A signal while a case is predicted: that case is written, the run stops (128 + signal) with no temporary,
     and the same command with --skip-existing writes the rest; every case segmented once."""
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    inputs, out = _cases(tmp_path / "in", 4), tmp_path / "out"
+    inputs, out = _cases(tmp_path / "in", 3), tmp_path / "out"
     counting = predictor_mod._predict_case
 
     def signalled(*args, **kwargs):
@@ -143,15 +143,15 @@ def test_signal_between_cases_then_resume(tmp_path, capsys, monkeypatch, counted
     argv = ["predict", "--checkpoint", str(ckpt), "--input", str(inputs), "--output", str(out), "--device", "cpu"]
     assert main(argv) == 128 + signum
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"sparseseg predict: stopped: {signal.Signals(signum).name} after 1 of 4 case(s) to do (1 written, "
+    assert err == (f"sparseseg predict: stopped: {signal.Signals(signum).name} after 1 of 3 case(s) to do (1 written, "
                    "0 skipped, 0 failed; every file written is complete): rerun the same command with "
                    "--skip-existing to continue")
     assert [p.name for p in out.iterdir()] == ["case_00.nii.gz"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone with the run
 
     assert main([*argv, "--skip-existing"]) == 0
-    assert counted == [f"case_{i:02d}" for i in range(4)]
-    assert sorted(p.name for p in out.iterdir()) == [f"case_{i:02d}.nii.gz" for i in range(4)]
+    assert counted == [f"case_{i:02d}" for i in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == [f"case_{i:02d}.nii.gz" for i in range(3)]
 
 
 def test_threads_and_bad_flags(tmp_path, monkeypatch):
