@@ -19,7 +19,16 @@ from conftest import save, synthetic_case, tiny_checkpoint
 from sparseseg.cli import main
 from sparseseg.errors import InputError
 from sparseseg.inference.predictor import predict
-from sparseseg.inference.sharding import Shard, current_shard, parse_shard, remove_temporaries, split_cases
+from sparseseg.inference.sharding import (
+    Shard,
+    current_shard,
+    parse_shard,
+    remove_temporaries,
+    set_threads,
+    shard_device,
+    split_cases,
+    usable_cores,
+)
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
@@ -152,6 +161,19 @@ def test_signal_between_cases_then_resume(tmp_path, capsys, monkeypatch, counted
     assert main([*argv, "--skip-existing"]) == 0
     assert counted == [f"case_{i:02d}" for i in range(3)]
     assert sorted(p.name for p in out.iterdir()) == [f"case_{i:02d}.nii.gz" for i in range(3)]
+
+
+def test_threads_split_between_the_processes_of_a_machine():
+    threads, cpu = torch.get_num_threads(), torch.device("cpu")
+    try:
+        torchrun = Shard(5, 8, 1, 4, "torchrun")
+        assert set_threads(None, torchrun, cpu) == max(1, usable_cores() // 4) == torch.get_num_threads()
+        assert set_threads(3, torchrun, cpu) == 3 == torch.get_num_threads()
+        torch.set_num_threads(threads)
+        assert set_threads(None, Shard(1, 4, launcher="--shard"), cpu) is None and torch.get_num_threads() == threads
+        assert shard_device("cpu", torchrun) == cpu
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_threads_and_bad_flags(tmp_path, monkeypatch):
