@@ -141,6 +141,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="on a GPU, run the windows as replays of captured CUDA graphs (faster at small batches)")
     p.add_argument("--no-cpu-fast-path", action="store_true",
                    help="on the CPU, run the model's standard convolutions (see docs/benchmark.md)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave cases whose label map (and probabilities, with --save-probabilities) exist in OUTPUT "
+                        "as they are: resumes a stopped run (outputs are written atomically, so an existing file is "
+                        "complete); without it, existing outputs are replaced")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="predict only share I (from 0) of N, for N processes started by a shell loop or an array "
+                        "job; under torchrun the shares come from RANK/WORLD_SIZE (see docs/pipeline.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: under torchrun on the CPU the cores divided by the "
+                        "processes per machine, else torch's choice)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.predictor import predict
@@ -149,7 +159,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
-                          cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction)
+                          cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction,
+                          skip_existing=args.skip_existing, shard=args.shard, threads=args.threads)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 

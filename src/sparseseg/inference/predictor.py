@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
 from sparseseg.config import resolve_device
@@ -36,6 +35,7 @@ from sparseseg.data.transforms import (
 from sparseseg.errors import InputError
 from sparseseg.inference.cuda_graphs import GraphedForward
 from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
+from sparseseg.inference.sharding import case_outputs, current_shard, run_share, set_threads, shard_device
 from sparseseg.inference.sliding_window import Network, sliding_window_logits
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
             output_format: str | None = None, cpu_fast_path: bool = True,
-            refine_fraction: float | None = None) -> list[Path]:
+            refine_fraction: float | None = None, skip_existing: bool = False, shard: str | None = None,
+            threads: int | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -147,15 +148,24 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
         refine_fraction: test-time share of the full-resolution blocks decoded by a model with sparse decoding
             (None keeps the checkpoint's; 1 = dense decoding).
+        skip_existing: leave a case whose outputs (label map; probabilities too with ``save_probabilities``)
+            exist in ``output_dir`` as it is (resumes a stopped run); without it they are predicted and replaced.
+        shard: ``"I/N"``: predict only share I (from 0) of N, for N processes started by hand or by an array job;
+            under ``torchrun`` the shares come from ``RANK`` / ``WORLD_SIZE`` (:mod:`sparseseg.inference.sharding`).
+        threads: ``torch.set_num_threads``; None: under torchrun on the CPU the cores split between the machine's
+            processes, else torch's choice.
 
     Returns:
-        The written label files, one per case, in case-name order. Labels are the dataset's label values
+        The label files this process wrote, one per case, in case-name order (cases skipped or in another
+        process's share excluded). Labels are the dataset's label values
         (regions are painted back into label values, e.g. BraTS TC/WT/ET -> MSD labels 1/2/3).
 
     Raises:
         InputError: bad arguments, checkpoint or output folder (before anything is written); or, after every
             other case was written, the case(s) whose file is broken (one error naming them all).
+        Interrupted: SIGTERM / SIGINT, after the case under way was written.
     """
+    shard_info = current_shard(shard)
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
@@ -168,11 +178,14 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     cases = collect_cases(inputs, data_cfg.in_channels, failures)
     if not cases:
         raise _failure_report(failures, 0)
+    if shard_info.index != 0:
+        failures.clear()  # a case whose header is broken is reported once, by the first share
     check_output_format(cases, output_format)
     output_dir = Path(output_dir)
     _check_output(output_dir, inputs, cases)
     check_writable(output_dir)
-    dev = resolve_device(device)
+    dev = shard_device(device, shard_info)
+    set_threads(threads, shard_info, dev)
     if stitch_device != "auto":
         resolve_device(stitch_device)
     model = model_from_checkpoint(ckpt, checkpoint)
@@ -185,17 +198,15 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     if cpu_fast_path and dev.type == "cpu":
         network = optimize_for_cpu_inference(model)
     pipeline = build_transforms(data_cfg, "infer")
-    written = []
-    for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
-        try:
-            written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                     sw_batch_size, save_probabilities, stitch_device, output_format)
-        except InputError as err:  # a broken file: go on with the other cases, report it at the end
-            log.debug("skipping case %s: %s", name, err)
-            failures.append(err)
+    share = run_share(
+        cases, lambda name: _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
+                                          sw_batch_size, save_probabilities, stitch_device, output_format),
+        lambda name: case_outputs(name, cases[name], output_dir, output_format, save_probabilities), shard_info,
+        skip_existing)
+    failures += share.failures
     if failures:
-        raise _failure_report(failures, len(written))
-    return written
+        raise _failure_report(failures, len(share.written))
+    return share.written
 
 
 def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
