@@ -132,3 +132,13 @@ def test_mac_counts_with_background_dropping():
     x[:, :, :24] = 0.0
     quarter = count_macs(model, x, device="cpu")
     assert quarter < half < full
+
+
+@pytest.mark.parametrize("scorer", ["cls_attention", "dynamic"])
+def test_the_ablation_scorers_drop_background_at_inference(scorer):
+    model = tiny_stp(scorer=scorer, drop_background=True)
+    x = scan()
+    x[:, :, :16] = 0.0
+    with torch.inference_mode():
+        enc = model.forward_encoder(x)
+    assert int((enc.depth == 0).sum()) == 32 and enc.final.shape[1] == 1 + model.num_kept(32)[-1]
