@@ -125,6 +125,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-ratio", type=float, default=None, help="test-time token pruning ratio")
     p.add_argument("--refine-fraction", type=float, default=None,
                    help="test-time share of the full-resolution blocks decoded (sparse decoding; 1 = dense)")
+    p.add_argument("--drop-background-tokens", action="store_true",
+                   help="token-pruning models: drop the patch tokens that are all background (MRI 0, CT the window's "
+                        "low end) before the first block (faster, not exact; docs/models.md)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -160,7 +163,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
                           cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction,
-                          skip_existing=args.skip_existing, shard=args.shard, threads=args.threads)
+                          skip_existing=args.skip_existing, shard=args.shard, threads=args.threads,
+                          drop_background_tokens=args.drop_background_tokens)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 
@@ -272,6 +276,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     pol.add_argument("--output", required=True, help="PNG to write")
     pol.add_argument("--label", default=None, help="reference label map of the case, drawn beside the policy")
     pol.add_argument("--prune-ratio", type=float, default=None, help="test-time pruning ratio (default: trained)")
+    pol.add_argument("--drop-background-tokens", action="store_true",
+                     help="drop the all-background patch tokens before the first block, as predict does (blue)")
     pol.add_argument("--axis", type=int, choices=[0, 1, 2], default=2, help="voxel axis held fixed per slice")
     pol.add_argument("--slices", type=int, nargs="+", default=None, help="slice indices (default: 4 spread out)")
     pol.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -281,7 +287,7 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
         from sparseseg.visualize.policy import policy_from_checkpoint
 
         pm = policy_from_checkpoint(args.checkpoint, args.input, label=args.label, prune_ratio=args.prune_ratio,
-                                    device=args.device)
+                                    device=args.device, drop_background=args.drop_background_tokens)
         out = plot_policy(pm.image, pm.depth, pm.patch_size, pm.label, output=args.output,
                           num_layers=pm.num_layers, depths=pm.levels, slices=args.slices, axis=args.axis)
         sys.stdout.write(f"wrote {out}\n")

@@ -125,6 +125,20 @@ def test_policy_map_stitches_tiles_with_k_kept_each():
     assert int((depth >= 2).sum()) == 4 * model.num_kept()[0]
 
 
+def test_policy_map_shows_background_tokens_dropped_before_the_first_block(tmp_path):
+    model = _tiny_sparse(0.5)
+    model.drop_background = True
+    image = torch.randn(1, 32, 32, 16)
+    image[:, :16] = 0.0  # the first row of tiles is background
+    depth = policy_map(model, image, [16, 16, 16], batch_size=1)  # (a batch keeps its largest foreground count)
+    assert policy_levels(model) == [0, 1, 2, 3]
+    assert int((depth[:2] == 0).sum()) == 2 * 7  # two background tiles of 8 tokens, each keeps one
+    assert np.all(depth[2:] > 0)  # the other tiles: pruned by STP as before
+    out = plot_policy(image[0].numpy(), depth, 8, output=tmp_path / "bg.png", num_layers=3,
+                      depths=policy_levels(model), dpi=40)
+    assert png_size(out)[0] > 0
+
+
 def test_policy_map_pads_odd_sizes_and_ratio_zero_keeps_everything():
     model = _tiny_sparse(0.0)
     depth = policy_map(model, torch.randn(1, 20, 9, 16), [16, 16, 16])

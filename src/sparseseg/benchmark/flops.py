@@ -80,10 +80,14 @@ class _UncountedWork(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.device | str) -> int:
+def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.device | str,
+                   example: torch.Tensor | None = None) -> int:
     params = dict(model.named_parameters())
     dtype = next(iter(params.values())).dtype if params else torch.float32
-    x = torch.zeros(shape, dtype=dtype, device=device)
+    if example is not None and str(device) != "meta":
+        x = example.to(device=device, dtype=dtype)
+    else:
+        x = torch.zeros(shape, dtype=dtype, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter, _UncountedWork() as uncounted:
         if str(device) == "meta":
             tensors = {n: torch.empty_like(t, device="meta") for n, t in params.items()}
@@ -104,7 +108,9 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, d
 
     Args:
         model: any module; it is run in eval mode (its mode is restored afterwards), weights untouched.
-        input_shape: e.g. ``(1, 4, 128, 128, 128)``, or a tensor whose shape is taken.
+        input_shape: e.g. ``(1, 4, 128, 128, 128)`` (zeros on a real device), or an example input tensor: its
+            shape on ``meta``, the tensor itself on a real device. Its values matter only to a model whose work
+            depends on them (``stp_mta_unetr`` with ``drop_background``, which refuses the meta device).
         device: ``"meta"`` (default: shapes only, instant) or the real device the model's parameters are on.
 
     Raises:
@@ -116,12 +122,13 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] | torch.Tensor, *, d
         >>> count_macs(nn.Linear(8, 4), (2, 8))
         6.4e-08
     """
-    shape = tuple(input_shape.shape) if isinstance(input_shape, torch.Tensor) else tuple(int(s) for s in input_shape)
+    example = input_shape if isinstance(input_shape, torch.Tensor) else None
+    shape = tuple(example.shape) if example is not None else tuple(int(s) for s in input_shape)
     was_training = model.training
     model.eval()
     try:
         try:
-            flops = _forward_flops(model, shape, device)
+            flops = _forward_flops(model, shape, device, example)
         except MacCountError:
             raise
         except (NotImplementedError, RuntimeError) as err:

@@ -69,6 +69,27 @@ def set_refine_fraction(model: nn.Module, refine_fraction: float, source: str | 
         raise InputError(str(err), source) from err
 
 
+def input_background_value(data_cfg: DataConfig) -> float:
+    """The value background voxels have after the checkpoint's preprocessing: the CT window's ``b_min`` (air clipped
+    to it) for ``ct``; 0 for ``mri`` (``NormalizeIntensity(nonzero=True)`` leaves the zeros around a skull-stripped
+    scan at 0) and for ``none`` (values left alone)."""
+    return float(data_cfg.ct_window[2]) if data_cfg.intensity == "ct" else 0.0
+
+
+def set_drop_background(model: nn.Module, on: bool, background_value: float = 0.0,
+                        source: str | Path | None = None) -> None:
+    """Test-time background token dropping (``stp_mta_unetr``'s ``drop_background``: patch tokens whose input
+    patch equals ``background_value`` everywhere skip the encoder); a model without it raises InputError."""
+    if not hasattr(model, "drop_background"):
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} cannot drop background "
+                         "tokens", source)
+    try:
+        model.background_value = background_value
+    except ValueError as err:
+        raise InputError(str(err), source) from err
+    model.drop_background = on
+
+
 def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
     out = output_dir.resolve()
     if out.exists() and not out.is_dir():
@@ -123,7 +144,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
             output_format: str | None = None, cpu_fast_path: bool = True,
             refine_fraction: float | None = None, skip_existing: bool = False, shard: str | None = None,
-            threads: int | None = None) -> list[Path]:
+            threads: int | None = None, drop_background_tokens: bool = False) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -154,6 +175,9 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             under ``torchrun`` the shares come from ``RANK`` / ``WORLD_SIZE`` (:mod:`sparseseg.inference.sharding`).
         threads: ``torch.set_num_threads``; None: under torchrun on the CPU the cores split between the machine's
             processes, else torch's choice.
+        drop_background_tokens: a token-pruning model drops the patch tokens whose window patch is all
+            background (:func:`input_background_value`) before its first block (docs/models.md, "Background
+            tokens"); not exact: the other tokens no longer attend to them.
 
     Returns:
         The label files this process wrote, one per case, in case-name order (cases skipped or in another
@@ -193,6 +217,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         set_prune_ratio(model, prune_ratio, checkpoint)
     if refine_fraction is not None:
         set_refine_fraction(model, refine_fraction, checkpoint)
+    if drop_background_tokens:
+        set_drop_background(model, True, input_background_value(data_cfg), checkpoint)
     model.to(dev).eval()
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
     if cpu_fast_path and dev.type == "cpu":

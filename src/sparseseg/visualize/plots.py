@@ -191,7 +191,8 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
                 dpi: int = DPI, refined: np.ndarray | None = None, block_size: int | None = None) -> Path:
     """The pruning policy over image slices (paper Fig. 2): each patch shaded by the depth at which its token left
     the encoder. Tokens dropped by the first pruning stage are not shaded; the longer a token was kept, the darker
-    its red; tokens kept to the last block are the darkest. With ``refined`` a column beside it shows where sparse
+    its red; tokens kept to the last block are the darkest; background tokens dropped before the first block
+    (depth 0, ``drop_background``) are blue. With ``refined`` a column beside it shows where sparse
     decoding computed the full-resolution level (blue blocks; the rest came from the coarse fill).
 
     Args:
@@ -202,7 +203,8 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
         label: optional reference ``[X, Y, Z]`` shown in a third column.
         num_layers: the encoder depth (a token kept to the end has depth ``num_layers``); default the largest
             depth present.
-        depths: every depth a token can have (the ``prune_after`` blocks and ``num_layers``), so the shades keep
+        depths: every depth a token can have (0 with background dropping, the ``prune_after`` blocks and
+            ``num_layers``), so the shades keep
             their meaning when a stage dropped nothing in view; default the depths present.
         output, class_names, slices, axis, num_slices, title, figsize, dpi: as in :func:`plot_overlay`.
         refined: optional per-block flags ``[d, h, w]`` (``d = ceil(X / block_size)``, ...) of the blocks sparse
@@ -230,12 +232,15 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
     rank = np.searchsorted(levels, pol)  # 0 = dropped by the first stage, len(levels) - 1 = kept to the end
     shade = policy_volume(rank, grid, patch_size, img.shape)
     reds = [to_rgba(c) for c in ("#fcbba1", "#fb6a4a", "#cb181d", "#67000d")]
-    n = len(levels) - 1
+    background = 0 in levels  # depth 0: background tokens dropped before the first block (drop_background)
+    n = len(levels) - 1 - int(background)
     if n == 0:  # no token was dropped (a dense model): everything kept to the end, the darkest shade
         colors = [reds[-1]]
     else:
         colors = [(0.0, 0.0, 0.0, 0.0)] + [reds[round((i - 1) * (len(reds) - 1) / max(n - 1, 1))]
                                            for i in range(1, n + 1)]
+    if background:
+        colors = [to_rgba("#4eb3d3")] + colors
     cmap = ListedColormap(colors)
     lab = _as_volume(label, "label") if label is not None else None
     if lab is not None and lab.shape != img.shape:
@@ -273,7 +278,8 @@ def plot_policy(image: np.ndarray, policy: np.ndarray, patch_size: int, label: n
     for c, name in enumerate(names):
         axes[0, c].set_title(name, fontsize=9)
     handles = [Patch(facecolor=colors[i], edgecolor="0.5",
-                     label=(f"dropped after block {d}" if d < top else f"kept to block {d}"))
+                     label=("background, dropped before block 1" if d == 0 else
+                            f"dropped after block {d}" if d < top else f"kept to block {d}"))
                for i, d in enumerate(levels)]
     if refined is not None:
         handles.append(Patch(facecolor=blue(1), edgecolor="0.5", label="refined at full resolution"))

@@ -41,10 +41,12 @@ def model_patch_size(model: nn.Module) -> int:
 
 
 def policy_levels(model: nn.Module) -> list[int]:
-    """The depths a token of ``model`` can reach: the blocks after which it prunes, and ``num_layers``."""
+    """The depths a token of ``model`` can reach: 0 when it drops background tokens before the first block, the
+    blocks after which it prunes, and ``num_layers``."""
     encoder = getattr(model, "encoder", None)
     stages = [int(p) for p in getattr(encoder, "prune_after", ())]
-    return sorted(set(stages) | {int(model.num_layers)})
+    background = [0] if getattr(model, "drop_background", False) else []
+    return sorted(set(stages + background) | {int(model.num_layers)})
 
 
 def roi_tiles(volume: torch.Tensor, roi_size: Sequence[int], batch_size: int = 4
@@ -105,17 +107,23 @@ def _stitched(fn, model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
 
 def policy_from_checkpoint(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path],
                            label: str | Path | None = None, prune_ratio: float | None = None,
-                           device: str = "auto") -> PolicyMap:
+                           device: str = "auto", drop_background: bool = False) -> PolicyMap:
     """Load a checkpoint, preprocess one case as inference does and compute its pruning policy.
 
     ``inputs``: the case's image file(s) (one file or the ``CASE_0000``, ... channel files); ``label``: its reference
-    map, brought onto the same preprocessed grid. ``prune_ratio`` overrides the trained ratio.
+    map, brought onto the same preprocessed grid. ``prune_ratio`` overrides the trained ratio; ``drop_background``
+    drops the all-background patch tokens before the first block, as ``predict --drop-background-tokens`` does.
     """
     from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
     from sparseseg.config import resolve_device
     from sparseseg.data.transforms import DataConfig, build_transforms, regions_to_labels, unwrap_input_errors
     from sparseseg.errors import InputError
-    from sparseseg.inference.predictor import collect_cases, set_prune_ratio
+    from sparseseg.inference.predictor import (
+        collect_cases,
+        input_background_value,
+        set_drop_background,
+        set_prune_ratio,
+    )
 
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
@@ -129,6 +137,8 @@ def policy_from_checkpoint(checkpoint: str | Path, inputs: str | Path | Sequence
         raise InputError(f"model {ckpt['model_name']!r} has no pruning policy to draw", checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
+    if drop_background:
+        set_drop_background(model, True, input_background_value(data_cfg), checkpoint)
     model.to(resolve_device(device)).eval()
     item = {"image": [str(p) for p in paths]}
     if label is not None:

@@ -8,6 +8,10 @@ gather, no attention masking); the pruned tokens of every stage are returned wit
 completion. Scores, Gumbel noise and the soft top-K run in float32, also under autocast (ties and a coarse noise in
 float16 would change which tokens are kept).
 
+Background tokens (inference only, ``background_value``; :mod:`~.background`): patch tokens whose input patch is
+all background are dropped before the first block; they join the first stage's pruned group for token completion,
+and each stage keeps ``floor((1 - r) L)`` of the ``L`` tokens it receives (fewer than without dropping).
+
 Scorers (``scorer``):
 
 * ``"mlp"`` (STP, the paper): a score network per stage (:class:`ScoreNet`) predicts ``log s``; training samples
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from sparseseg.models.common.tokens import TopKSelection, gather_tokens, gumbel_like, num_keep, soft_topk
 from sparseseg.models.common.vit import ViT3d
+from sparseseg.models.stp_mta.background import foreground_patches, split_foreground
 
 SCORERS = ("mlp", "cls_attention", "dynamic")
 PERTURBATIONS = ("gumbel", "none")
@@ -62,7 +67,7 @@ class SparseEncoding:
     original positions; ``keep_weight`` ``[B, K]`` or None (see :class:`TokenGroup`); ``pruned``: one group per stage
     (raw block outputs, not normalised, their straight-through mask not yet applied); ``depth`` ``[B, N]`` (long):
     number of blocks each patch token went through (= the ``prune_after`` entry of the stage that dropped it,
-    ``num_layers`` when kept to the end)."""
+    ``num_layers`` when kept to the end, 0 for a background token dropped before the first block)."""
 
     final: torch.Tensor
     keep_idx: torch.Tensor
@@ -172,9 +177,10 @@ class SparseViTEncoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.vit.blocks)
 
-    def num_kept(self, prune_ratio: float) -> list[int]:
-        """Patch tokens kept by each stage, ``[K_1, K_2, ...]`` (compounding floor((1 - r) L))."""
-        counts, alive = [], self.vit.num_tokens
+    def num_kept(self, prune_ratio: float, num_tokens: int | None = None) -> list[int]:
+        """Patch tokens kept by each stage, ``[K_1, K_2, ...]`` (compounding floor((1 - r) L)), starting from
+        ``num_tokens`` tokens entering the first block (default all ``N``; fewer after background dropping)."""
+        counts, alive = [], self.vit.num_tokens if num_tokens is None else int(num_tokens)
         for _ in self.prune_after:
             alive = num_keep(alive, prune_ratio)
             counts.append(alive)
@@ -191,10 +197,17 @@ class SparseViTEncoder(nn.Module):
                 return F.logsigmoid(out.squeeze(-1))  # log s
             return out.log_softmax(-1)[..., 0]  # log P(keep)
 
-    def forward(self, x: torch.Tensor, prune_ratio: float, stochastic: bool | None = None) -> SparseEncoding:
+    def forward(self, x: torch.Tensor, prune_ratio: float, stochastic: bool | None = None,
+                background_value: float | None = None) -> SparseEncoding:
         """Encode ``x`` ``[B, C_in, D, H, W]``. ``stochastic`` (default: ``self.training``) selects the training
-        behaviour (noise, straight-through masks, DynamicViT masking); False gives the deterministic policy."""
+        behaviour (noise, straight-through masks, DynamicViT masking); False gives the deterministic policy.
+
+        ``background_value`` (inference only): patch tokens whose input patch equals it everywhere are dropped
+        before the first block (:mod:`~.background`; depth 0) and join the first stage's pruned group; each stage
+        then keeps ``floor((1 - r) L)`` of the ``L`` tokens it receives, as the paper's STP does."""
         stochastic = self.training if stochastic is None else stochastic
+        if stochastic and background_value is not None:
+            raise ValueError("background dropping is an inference option: switch drop_background off to train")
         if stochastic and self.scorer == "dynamic":
             return self._forward_dynamic(x, prune_ratio)
         vit = self.vit
@@ -202,7 +215,12 @@ class SparseViTEncoder(nn.Module):
         b, n = z.shape[0], vit.num_tokens
         alive = torch.arange(n, device=z.device).expand(b, n)  # original positions of the alive patch tokens
         depth = torch.full((b, n), self.num_layers, dtype=torch.long, device=z.device)
-        keep_counts = iter(self.num_kept(prune_ratio))
+        background = None  # the dropped background tokens (embeddings) and their positions
+        if background_value is not None:
+            z, alive, background = self._drop_background(x, z, background_value)
+            if background is not None:
+                depth = depth.scatter(1, background.idx, 0)
+        keep_counts = iter(self.num_kept(prune_ratio, alive.shape[1]))
         stages = {p: s for s, p in enumerate(self.prune_after)}
         pruned: list[TokenGroup] = []
         for i, blk in enumerate(vit.blocks):
@@ -224,10 +242,30 @@ class SparseViTEncoder(nn.Module):
                 z = z * F.pad(sel.keep_mask, (1, 0), value=1.0).unsqueeze(-1).to(z.dtype)
                 drop_mask = sel.drop_mask  # applied by token completion, before or after its group norm
             drop_pos = alive.gather(1, sel.drop_idx)  # [B, L - K]
-            pruned.append(TokenGroup(dropped, drop_pos, mask=drop_mask))
             depth = depth.scatter(1, drop_pos, i + 1)
+            if stage == 0 and background is not None:  # completed as tokens pruned by the first stage
+                dropped = torch.cat([dropped, background.tokens], 1)  # [B, L - K + N - M, C]
+                drop_pos = torch.cat([drop_pos, background.idx], 1)
+            pruned.append(TokenGroup(dropped, drop_pos, mask=drop_mask))
             alive = alive.gather(1, sel.keep_idx)  # [B, K]
         return SparseEncoding(vit.norm(z), alive, pruned, depth)
+
+    def _drop_background(self, x: torch.Tensor, z: torch.Tensor, background_value: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, TokenGroup | None]:
+        """Embedded tokens ``z`` ``[B, 1 + N, C]`` -> ([CLS] + the ``M`` tokens that go on ``[B, 1 + M, C]``, their
+        positions ``[B, M]``, the dropped background tokens as a group, None when nothing is dropped)."""
+        b, n = z.shape[0], self.vit.num_tokens
+        if x.is_meta:
+            raise RuntimeError("drop_background keeps a number of tokens that depends on the input's values, which "
+                               "meta tensors do not have: pass a real example input tensor")
+        patch = self.vit.patch_embed.kernel_size[0]
+        foreground = foreground_patches(x, patch, background_value)  # [B, N]
+        keep_idx, drop_idx = split_foreground(foreground)  # [B, M], [B, N - M]
+        if drop_idx.shape[1] == 0:  # no background token in the batch: the ordinary pass, bit for bit
+            return z, torch.arange(n, device=z.device).expand(b, n), None
+        dropped = gather_tokens(z, drop_idx + 1)  # [B, 1 + N, C] -> [B, N - M, C]
+        z = gather_tokens(z, with_cls(keep_idx))  # [B, 1 + N, C] -> [B, 1 + M, C], [CLS] first
+        return z, keep_idx, TokenGroup(dropped, drop_idx)
 
     def _forward_dynamic(self, x: torch.Tensor, prune_ratio: float) -> SparseEncoding:
         """DynamicViT training: all N tokens stay; a policy ``[B, N]`` masks the attention of dropped ones."""

@@ -238,6 +238,12 @@ class STPMTAUNETR(_UnetrBase):
             "before_norm" (the authors' code: the group's LayerNorm cancels it, so only the kept tokens train the
             scorer) | "after_norm" (both groups train it). See :mod:`~.completion`.
         refine_fraction, refine_score, refine_block, sigmoid: sparse decoding, as in :class:`UNETR`.
+        drop_background: inference only: patch tokens whose input patch equals ``background_value`` in every voxel
+            and channel are dropped before the first block and completed by MTA as tokens pruned by the first stage;
+            each stage then keeps a fraction ``1 - r`` of the tokens it receives (docs/models.md, "Background
+            tokens"). A plain runtime attribute, like ``prune_ratio``; training with it on raises ValueError.
+        background_value: the input value of background voxels (0 for MRI after ``NormalizeIntensity(nonzero=True)``,
+            the CT window's ``b_min`` for CT); ``sparseseg predict`` sets it from the checkpoint's data config.
 
     Examples:
         >>> model = STPMTAUNETR(in_channels=1, out_channels=2, img_size=32, hidden_size=48, mlp_dim=96,
@@ -255,7 +261,8 @@ class STPMTAUNETR(_UnetrBase):
                  perturbation: str = "gumbel", tau: float = 1.0, completion_size: int = 768,
                  completion_depth: int = 1, completion_heads: int = 12, drop_path_rate: float = 0.0,
                  pruned_mask: str = "before_norm", refine_fraction: float = 1.0, refine_score: str = "margin",
-                 refine_block: int | None = None, sigmoid: bool = False):
+                 refine_block: int | None = None, sigmoid: bool = False, drop_background: bool = False,
+                 background_value: float = 0.0):
         vit = ViT3d(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                     mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
                     qkv_bias=qkv_bias, drop_path_rate=drop_path_rate)
@@ -264,6 +271,8 @@ class STPMTAUNETR(_UnetrBase):
                          refine_fraction=refine_fraction, refine_score=refine_score, refine_block=refine_block,
                          sigmoid=sigmoid)
         self.prune_ratio = prune_ratio
+        self.drop_background = drop_background
+        self.background_value = background_value
         self.encoder = SparseViTEncoder(vit, prune_after, scorer=scorer, perturbation=perturbation, tau=tau)
         self.completion = build_completion(completion, num_groups=len(self.encoder.prune_after) + 1,
                                            hidden_size=hidden_size, grid_size=self.grid_size, width=completion_size,
@@ -283,13 +292,35 @@ class STPMTAUNETR(_UnetrBase):
         num_keep(1, float(value))  # ValueError naming the value when outside [0, 1)
         self._prune_ratio = float(value)
 
-    def num_kept(self) -> list[int]:
-        """Patch tokens alive after each pruning stage at the current ``prune_ratio``."""
-        return self.encoder.num_kept(self.prune_ratio)
+    @property
+    def drop_background(self) -> bool:
+        return self._drop_background
+
+    @drop_background.setter
+    def drop_background(self, value: bool) -> None:
+        self._drop_background = bool(value)
+
+    @property
+    def background_value(self) -> float:
+        return self._background_value
+
+    @background_value.setter
+    def background_value(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"background_value must be a finite number, got {value}")
+        self._background_value = float(value)
+
+    def num_kept(self, num_tokens: int | None = None) -> list[int]:
+        """Patch tokens alive after each pruning stage at the current ``prune_ratio``, starting from ``num_tokens``
+        tokens in the first block (default all; fewer when background tokens are dropped)."""
+        return self.encoder.num_kept(self.prune_ratio, num_tokens)
 
     def forward_encoder(self, x: torch.Tensor) -> SparseEncoding:
         """Patch embedding + blocks + scorers (no completion, no decoder); see :class:`SparseEncoding`."""
-        return self.encoder(x, self.prune_ratio)
+        return self.encoder(x, self.prune_ratio, background_value=self._background())
+
+    def _background(self) -> float | None:
+        return self.background_value if self.drop_background else None
 
     def _decoder_inputs(self, x: torch.Tensor) -> DecoderInputs:
         enc = self.forward_encoder(x)
@@ -301,6 +332,7 @@ class STPMTAUNETR(_UnetrBase):
         """Depth at which each patch token was dropped, ``[B, N]`` long in raster order of the patch grid.
 
         The entry is the 1-based block after which the token was pruned (a ``prune_after`` value, = the number of
-        blocks it went through); tokens kept to the end read ``num_layers``. Always the deterministic (inference)
+        blocks it went through); tokens kept to the end read ``num_layers``, background tokens dropped before the
+        first block (``drop_background``) 0. Always the deterministic (inference)
         policy at the current ``prune_ratio``. Reshape to ``[B, *grid_size]`` for a picture."""
-        return self.encoder(x, self.prune_ratio, stochastic=False).depth
+        return self.encoder(x, self.prune_ratio, stochastic=False, background_value=self._background()).depth
