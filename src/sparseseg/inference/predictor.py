@@ -13,8 +13,10 @@ Examples:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,19 +81,49 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
             raise InputError(f"output folder equals or contains the input {p}", output_dir)
 
 
+class _Stopwatch:
+    """Seconds per stage of one case (``lap(name)`` closes the stage that began at the previous lap) and the windows
+    the network ran, for ``predict(..., timings=...)``."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.windows = 0
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._start
+        self._start = now
+
+    def counting(self, model: Network) -> Network:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            self.windows += x.shape[0]  # [B, C, *roi] -> B windows
+            return model(x)
+
+        return run
+
+
 def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
-                        overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
+                        overlap: float, sw_batch_size: int, stitch_device: str = "auto",
+                        watch: _Stopwatch | None = None) -> torch.Tensor:
     """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
+    watch = watch or _Stopwatch()
     with unwrap_input_errors():
-        d = pipeline({"image": [str(p) for p in case]})
+        d = pipeline({"image": [str(p) for p in case]}, end=1)  # the reader (LoadCased)
+        watch.lap("read")
+        d = pipeline(d, start=1)
     image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
     stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
     image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
-    logits = sliding_window_logits(model, image, data_cfg.roi_size, sw_batch_size, overlap, sw_device=device,
-                                   device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
+    watch.lap("preprocess")
+    logits = sliding_window_logits(watch.counting(model), image, data_cfg.roi_size, sw_batch_size, overlap,
+                                   sw_device=device, device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
     probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
     del logits
-    return invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+    watch.lap("sliding_window")
+    probs = invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+    watch.lap("invert")
+    return probs
 
 
 # Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
@@ -122,7 +154,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
             output_format: str | None = None, cpu_fast_path: bool = True,
-            refine_fraction: float | None = None) -> list[Path]:
+            refine_fraction: float | None = None, timings: list[dict[str, Any]] | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -147,6 +179,10 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
         refine_fraction: test-time share of the full-resolution blocks decoded by a model with sparse decoding
             (None keeps the checkpoint's; 1 = dense decoding).
+        timings: a list to which one record per written case is appended: ``{"case", "shape"`` (the input
+            ``[C, X, Y, Z]``), ``"stages"`` (seconds of ``read``, ``preprocess``, ``sliding_window``, ``invert``
+            (mapping back, resampling included) and ``write``), ``"windows"`` (``run``: windows the network ran,
+            ``skipped``: 0)``}`` (:mod:`sparseseg.benchmark.case`).
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -189,7 +225,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
         try:
             written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                     sw_batch_size, save_probabilities, stitch_device, output_format)
+                                     sw_batch_size, save_probabilities, stitch_device, output_format, timings)
         except InputError as err:  # a broken file: go on with the other cases, report it at the end
             log.debug("skipping case %s: %s", name, err)
             failures.append(err)
@@ -200,9 +236,11 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
 
 def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
                   output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
-                  stitch_device: str, output_format: str | None = None) -> list[Path]:
+                  stitch_device: str, output_format: str | None = None,
+                  timings: list[dict[str, Any]] | None = None) -> list[Path]:
     """Segment one case and write its label map (and its probabilities); returns ``[label file]``."""
-    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
+    watch = _Stopwatch()
+    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device, watch)
     if data_cfg.regions:
         labels = regions_to_labels(probs > 0.5, data_cfg.regions)
     else:
@@ -210,5 +248,9 @@ def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataCo
     probabilities = probs.permute(1, 2, 3, 0).numpy() if save_probabilities else None  # [K, X, Y, Z] -> [X, Y, Z, K]
     out = write_prediction(output_dir, name, read_grid(paths[0]), labels.numpy(), probabilities, output_format,
                            data_cfg.segments)
+    watch.lap("write")
+    if timings is not None:
+        timings.append({"case": name, "shape": [data_cfg.in_channels, *probs.shape[1:]], "stages": watch.stages,
+                        "windows": {"run": watch.windows, "skipped": 0}})
     log.info("%s -> %s", paths[0].name, out)
     return [out]
