@@ -237,7 +237,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         baseline = None if args.baseline.lower() == "none" else args.baseline
         records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
-                            batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats or 3, train=args.train,
+                            batch_size=args.batch_size, warmup=args.warmup,
+                            repeats=3 if args.repeats is None else args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
                             memory=not args.no_memory, profile=args.profile, amp=args.amp,
                             cuda_graphs=args.cuda_graphs, cpu_fast_path=not args.no_cpu_fast_path,
@@ -259,10 +260,10 @@ def _benchmark_cases(args: argparse.Namespace) -> int:
     from sparseseg.benchmark.report import write_json
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if not args.checkpoint else None
-    records = benchmark_cases(args.case, args.checkpoint, models, args.preset, repeats=args.repeats or 1,
-                              threads=args.threads, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                              prune_ratio=args.prune_ratio, device=args.device,
-                              cpu_fast_path=not args.no_cpu_fast_path)
+    repeats = 1 if args.repeats is None else args.repeats
+    records = benchmark_cases(args.case, args.checkpoint, models, args.preset, repeats=repeats, threads=args.threads,
+                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, prune_ratio=args.prune_ratio,
+                              device=args.device, cpu_fast_path=not args.no_cpu_fast_path)
     if args.json:
         write_json(records, args.json)
     if args.markdown:
