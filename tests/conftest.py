@@ -186,6 +186,8 @@ TINY_MODELS: dict[str, dict] = {
                  "codebook_size": 64, "mixer_depth": 1},
     "veloxseg": {"in_channels": 2, "out_channels": 3, "img_size": 24, "modalities": (1, 1), "channels": (8, 16),
                  "num_heads": (1, 2), "head_dim": (4, 8), "group_channels": (4, 8), "window_size": (3, 3)},
+    "dynunet": {"in_channels": 2, "out_channels": 3, "img_size": 16, "min_feature_map_size": 2, "base_features": 4,
+                "max_features": 16},
 }
 LIBRARY_MODELS = [name for name in list_models() if _MODELS[name].__module__.startswith("sparseseg.")]
 

@@ -84,3 +84,10 @@ def test_train_predict_evaluate_vit(tmp_path, capsys, model, extra_args, predict
     if model not in list_models():
         pytest.skip(f"{model} is not registered")
     _end_to_end(tmp_path, capsys, model, VIT + extra_args, predict_args=predict_args, shape=(16, 20, 16))
+
+
+@pytest.mark.slow
+def test_train_predict_evaluate_dynunet(tmp_path, capsys):
+    """The CNN reference: deep supervision in training (16^3 crops, 4 stages with maps down to 2^3), plain logits
+    in predict."""
+    _end_to_end(tmp_path, capsys, "dynunet", ["base_features=4", "max_features=16", "min_feature_map_size=2"])

@@ -194,7 +194,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="speed, MACs and memory of models against their dense baseline",
                        description="Measure parameters, MACs, encoder and end-to-end throughput, latency, peak "
                                    "memory (and training throughput) of every model, one after the other in this "
-                                   "process, against the dense baseline; see docs/benchmark.md.")
+                                   "process, against the dense baseline; with --case, time `predict` on whole scans "
+                                   "instead (seconds per stage, windows, peak RSS; one fresh process per model and "
+                                   "case); see docs/benchmark.md.")
     p.add_argument("--preset", default=None, help="paper geometry: btcv or brats (default: the models' own)")
     p.add_argument("--models", default="unetr,stp_mta_unetr", help="comma-separated model names")
     p.add_argument("--prune-ratios", default=None, metavar="R,R,...",
@@ -206,7 +208,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement (default 3; with --case: rounds over the models, default 1)")
     p.add_argument("--train", action="store_true", help="also time training steps (forward + backward + step)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--amp", action="store_true",
@@ -224,6 +227,15 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model constructor argument (repeatable), given to every model that accepts it; "
                         "MODEL:KEY=VALUE gives it to MODEL only")
+    p.add_argument("--case", nargs="+", default=None, metavar="FILE",
+                   help="whole-case benchmark of `predict` on these image files / DICOM series folders (CASE_0000, "
+                        "CASE_0001, ... are the channels of CASE), with --checkpoint or untrained --models of --preset")
+    p.add_argument("--checkpoint", nargs="+", default=None, metavar="FILE",
+                   help="--case: checkpoints to compare, the baseline first (default: untrained --models of --preset)")
+    p.add_argument("--overlap", type=float, default=0.5, help="--case: sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="--case: windows per forward pass (default 4)")
+    p.add_argument("--prune-ratio", type=float, default=None,
+                   help="--case: test-time pruning ratio of the models that prune tokens (default: each one's own)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records as JSON")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write throughput and G MACs vs prune ratio (PNG)")
@@ -233,12 +245,15 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         from sparseseg.benchmark.run import benchmark
         from sparseseg.config import parse_model_args
 
+        if args.case:
+            return _benchmark_cases(args)
         ratios = _numbers(args.prune_ratios, "--prune-ratios")
         fractions = _numbers(args.refine_fractions, "--refine-fractions")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         baseline = None if args.baseline.lower() == "none" else args.baseline
         records = benchmark(models, args.preset, ratios, device=args.device, threads=args.threads,
-                            batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, train=args.train,
+                            batch_size=args.batch_size, warmup=args.warmup,
+                            repeats=3 if args.repeats is None else args.repeats, train=args.train,
                             model_args=parse_model_args(args.model_arg), baseline=baseline,
                             memory=not args.no_memory, profile=args.profile, amp=args.amp,
                             cuda_graphs=args.cuda_graphs, cpu_fast_path=not args.no_cpu_fast_path,
@@ -253,6 +268,23 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _benchmark_cases(args: argparse.Namespace) -> int:
+    from sparseseg.benchmark.case import benchmark_cases, markdown_table, write_markdown
+    from sparseseg.benchmark.report import write_json
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if not args.checkpoint else None
+    repeats = 1 if args.repeats is None else args.repeats
+    records = benchmark_cases(args.case, args.checkpoint, models, args.preset, repeats=repeats, threads=args.threads,
+                              overlap=args.overlap, sw_batch_size=args.sw_batch_size, prune_ratio=args.prune_ratio,
+                              device=args.device, cpu_fast_path=not args.no_cpu_fast_path)
+    if args.json:
+        write_json(records, args.json)
+    if args.markdown:
+        write_markdown(records, args.markdown)
+    sys.stdout.write(markdown_table(records))
+    return 0
 
 
 def _numbers(text: str | None, flag: str) -> list[float] | None:

@@ -22,7 +22,8 @@ VIT = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "mlp_dim": 64, "featu
 MODELS = {"tiny_seg": {"in_channels": 1, "out_channels": 3, "feature_size": 4},
           "unetr": {**VIT, "skip_layers": [1, 2]},
           "stp_mta_unetr": {**VIT, "prune_after": [1], "completion_size": 48, "completion_heads": 2,
-                            "prune_ratio": 0.5, "refine_block": 4}}
+                            "prune_ratio": 0.5, "refine_block": 4},
+          "dynunet": {"in_channels": 1, "out_channels": 3, "img_size": 16, "base_features": 8}}
 
 
 def _checkpoint(tmp_path, name: str):
@@ -41,7 +42,7 @@ def _reference(ckpt, x: torch.Tensor, prune_ratio: float | None = None,
         return graph(x).numpy()
 
 
-@pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr"])
+@pytest.mark.parametrize("name", ["unetr", "stp_mta_unetr", "dynunet"])
 def test_onnx_matches_pytorch(tmp_path, name):
     ckpt = _checkpoint(tmp_path, name)
     out = tmp_path / f"{name}.onnx"
@@ -119,8 +120,10 @@ def demo_model(tmp_path_factory):
 
     def make(name: str):
         if name not in made:
-            args = {**demo_settings(False, None, 0.75, 0, "cpu").args_of(name), "in_channels": 1, "out_channels": 4,
-                    "img_size": 48}
+            settings = demo_settings(False, None, 0.75, 0, "cpu")
+            known = (*settings.models, *settings.other_args)
+            own = settings.args_of(name) if name in known else {}  # dynunet: its own plan for 48^3
+            args = {**own, "in_channels": 1, "out_channels": 4, "img_size": 48}
             torch.manual_seed(0)
             data = DataConfig(in_channels=1, label_values=[0, 1, 2, 3], class_names=["bg", "csf", "gm", "wm"],
                               roi_size=[48, 48, 48])

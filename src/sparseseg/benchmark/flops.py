@@ -18,6 +18,7 @@ counter watches.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -80,6 +81,17 @@ class _UncountedWork(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are empty meta tensors (nothing is copied). A copy,
+    not ``torch.func.functional_call``: that one cannot swap the weights of a module reached by two paths (MONAI's
+    DynUNet holds its blocks both in lists and in its recursive skip layers) and leaves some of them meta."""
+    def meta_like(t: torch.Tensor) -> torch.Tensor:
+        empty = torch.empty_like(t, device="meta")
+        return nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+
+    return copy.deepcopy(model, memo={id(t): meta_like(t) for t in (*model.parameters(), *model.buffers())})
+
+
 def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.device | str,
                    example: torch.Tensor | None = None) -> int:
     params = dict(model.named_parameters())
@@ -88,13 +100,10 @@ def _forward_flops(model: nn.Module, shape: tuple[int, ...], device: torch.devic
         x = example.to(device=device, dtype=dtype)
     else:
         x = torch.zeros(shape, dtype=dtype, device=device)
+    if str(device) == "meta":
+        model = _meta_copy(model)
     with torch.no_grad(), FlopCounterMode(display=False) as counter, _UncountedWork() as uncounted:
-        if str(device) == "meta":
-            tensors = {n: torch.empty_like(t, device="meta") for n, t in params.items()}
-            tensors.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
-            torch.func.functional_call(model, tensors, (x,))
-        else:
-            model(x)
+        model(x)
     if uncounted.ops:
         ops = ", ".join(sorted(uncounted.ops))
         raise MacCountError(f"cannot count the MACs of {type(model).__name__}: it runs {ops}, which "

@@ -13,8 +13,10 @@ Examples:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,19 +102,49 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
             raise InputError(f"output folder equals or contains the input {p}", output_dir)
 
 
+class _Stopwatch:
+    """Seconds per stage of one case (``lap(name)`` closes the stage that began at the previous lap) and the windows
+    the network ran, for ``predict(..., timings=...)``."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.windows = 0
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._start
+        self._start = now
+
+    def counting(self, model: Network) -> Network:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            self.windows += x.shape[0]  # [B, C, *roi] -> B windows
+            return model(x)
+
+        return run
+
+
 def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
-                        overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
+                        overlap: float, sw_batch_size: int, stitch_device: str = "auto",
+                        watch: _Stopwatch | None = None) -> torch.Tensor:
     """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
+    watch = watch or _Stopwatch()
     with unwrap_input_errors():
-        d = pipeline({"image": [str(p) for p in case]})
+        d = pipeline({"image": [str(p) for p in case]}, end=1)  # the reader (LoadCased)
+        watch.lap("read")
+        d = pipeline(d, start=1)
     image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
     stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
     image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
-    logits = sliding_window_logits(model, image, data_cfg.roi_size, sw_batch_size, overlap, sw_device=device,
-                                   device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
+    watch.lap("preprocess")
+    logits = sliding_window_logits(watch.counting(model), image, data_cfg.roi_size, sw_batch_size, overlap,
+                                   sw_device=device, device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
     probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
     del logits
-    return invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+    watch.lap("sliding_window")
+    probs = invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
+    watch.lap("invert")
+    return probs
 
 
 # Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
@@ -144,7 +176,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
             output_format: str | None = None, cpu_fast_path: bool = True,
             refine_fraction: float | None = None, skip_existing: bool = False, shard: str | None = None,
-            threads: int | None = None, drop_background_tokens: bool = False) -> list[Path]:
+            threads: int | None = None, drop_background_tokens: bool = False,
+            timings: list[dict[str, Any]] | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -178,6 +211,10 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         drop_background_tokens: a token-pruning model drops the patch tokens whose window patch is all
             background (:func:`input_background_value`) before its first block (docs/models.md, "Background
             tokens"); not exact: the other tokens no longer attend to them.
+        timings: a list to which one record per written case is appended: ``{"case", "shape"`` (the input
+            ``[C, X, Y, Z]``), ``"stages"`` (seconds of ``read``, ``preprocess``, ``sliding_window``, ``invert``
+            (mapping back, resampling included) and ``write``), ``"windows"`` (``run``: windows the network ran,
+            ``skipped``: 0)``}`` (:mod:`sparseseg.benchmark.case`).
 
     Returns:
         The label files this process wrote, one per case, in case-name order (cases skipped or in another
@@ -226,7 +263,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     pipeline = build_transforms(data_cfg, "infer")
     share = run_share(
         cases, lambda name: _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                          sw_batch_size, save_probabilities, stitch_device, output_format),
+                                          sw_batch_size, save_probabilities, stitch_device, output_format,
+                                          timings),
         lambda name: case_outputs(name, cases[name], output_dir, output_format, save_probabilities), shard_info,
         skip_existing)
     failures += share.failures
@@ -237,9 +275,11 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
 
 def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
                   output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
-                  stitch_device: str, output_format: str | None = None) -> list[Path]:
+                  stitch_device: str, output_format: str | None = None,
+                  timings: list[dict[str, Any]] | None = None) -> list[Path]:
     """Segment one case and write its label map (and its probabilities); returns ``[label file]``."""
-    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
+    watch = _Stopwatch()
+    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device, watch)
     if data_cfg.regions:
         labels = regions_to_labels(probs > 0.5, data_cfg.regions)
     else:
@@ -247,5 +287,9 @@ def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataCo
     probabilities = probs.permute(1, 2, 3, 0).numpy() if save_probabilities else None  # [K, X, Y, Z] -> [X, Y, Z, K]
     out = write_prediction(output_dir, name, read_grid(paths[0]), labels.numpy(), probabilities, output_format,
                            data_cfg.segments)
+    watch.lap("write")
+    if timings is not None:
+        timings.append({"case": name, "shape": [data_cfg.in_channels, *probs.shape[1:]], "stages": watch.stages,
+                        "windows": {"run": watch.windows, "skipped": 0}})
     log.info("%s -> %s", paths[0].name, out)
     return [out]
