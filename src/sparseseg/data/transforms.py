@@ -219,18 +219,26 @@ def invert_to_input(probs: torch.Tensor, image: MetaTensor, pipeline: Compose) -
     return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
 
+def region_paint_order(regions: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """``(region index, label value)`` in the order :func:`regions_to_labels` paints them: larger regions first,
+    each painting the smallest label value it has beyond the regions nested in it."""
+    sets = [set(r) for r in regions]
+    order = []
+    for i in sorted(range(len(sets)), key=lambda j: -len(sets[j])):
+        nested = set().union(*[s for s in sets if s < sets[i]])
+        order.append((i, min(sets[i] - nested or sets[i])))
+    return order
+
+
 def regions_to_labels(masks: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
     """Binary region masks ``[R, D, H, W]`` -> a label map ``[D, H, W]`` in the dataset's label values.
 
     Larger regions are painted first; each region paints the label values it has beyond the regions nested in
     it (BraTS: WT -> 1, TC -> 2, ET -> 3, which recovers the MSD Task01 labels).
     """
-    sets = [set(r) for r in regions]
     out = torch.zeros(masks.shape[1:], dtype=torch.uint8, device=masks.device)
-    for i in sorted(range(len(sets)), key=lambda j: -len(sets[j])):
-        nested = set().union(*[s for s in sets if s < sets[i]])
-        own = sets[i] - nested or sets[i]
-        out[masks[i].bool()] = min(own)
+    for i, value in region_paint_order(regions):
+        out[masks[i].bool()] = value
     return out
 
 

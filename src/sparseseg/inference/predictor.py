@@ -1,9 +1,10 @@
 """Sliding-window inference from a checkpoint alone: ``predict(checkpoint, inputs, output_dir)``.
 
 The model (registered name + arguments) and the preprocessing (:class:`~sparseseg.data.transforms.DataConfig`)
-are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding window (Gaussian
-blending), its probabilities are mapped back onto the input's exact grid (shape and affine) by inverting the
-spatial preprocessing, and one label map is written per case in the input's format (nnU-Net naming:
+are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding-window positions and
+Gaussian blending (all-background windows are not run; :mod:`sparseseg.inference.whole_scan`), its probabilities
+are mapped back onto the input's exact grid (shape and affine), one channel at a time, by inverting the spatial
+preprocessing, and one label map is written per case in the input's format (nnU-Net naming:
 ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` -> ``CASE.nii.gz``; see :mod:`sparseseg.data.outputs`).
 
 Examples:
@@ -24,19 +25,12 @@ from tqdm import tqdm
 from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
 from sparseseg.config import resolve_device
 from sparseseg.data.cases import check_output_format, collect_cases
-from sparseseg.data.io import check_writable, read_grid
-from sparseseg.data.outputs import write_prediction
-from sparseseg.data.transforms import (
-    DataConfig,
-    build_transforms,
-    invert_to_input,
-    regions_to_labels,
-    unwrap_input_errors,
-)
+from sparseseg.data.io import check_writable
+from sparseseg.data.transforms import DataConfig, build_transforms
 from sparseseg.errors import InputError
 from sparseseg.inference.cuda_graphs import GraphedForward
 from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
-from sparseseg.inference.sliding_window import Network, sliding_window_logits
+from sparseseg.inference.whole_scan import predict_case
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +73,6 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
             raise InputError(f"output folder equals or contains the input {p}", output_dir)
 
 
-def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
-                        overlap: float, sw_batch_size: int, stitch_device: str = "auto") -> torch.Tensor:
-    """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
-    with unwrap_input_errors():
-        d = pipeline({"image": [str(p) for p in case]})
-    image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
-    stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
-    image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
-    logits = sliding_window_logits(model, image, data_cfg.roi_size, sw_batch_size, overlap, sw_device=device,
-                                   device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
-    probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
-    del logits
-    return invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
-
-
 # Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
 GPU_STITCH_LIMIT_BYTES = 2 * 2**30
 
@@ -122,7 +101,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
             save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
             output_format: str | None = None, cpu_fast_path: bool = True,
-            refine_fraction: float | None = None) -> list[Path]:
+            refine_fraction: float | None = None, skip_background: bool = True, threads: int | None = None,
+            timings: list[dict] | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
 
@@ -147,6 +127,12 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
             :func:`~sparseseg.inference.fast_cpu.optimize_for_cpu_inference` (same output to float32 rounding).
         refine_fraction: test-time share of the full-resolution blocks decoded by a model with sparse decoding
             (None keeps the checkpoint's; 1 = dense decoding).
+        skip_background: do not run the model on windows whose preprocessed input is all background (MRI zeros,
+            CT air); they get the model's output on a constant background window, so the result is the same
+            (:func:`~sparseseg.inference.sliding_window.skipping_sliding_window`).
+        threads: ``torch.set_num_threads`` for the run (None: torch's default, one per core).
+        timings: if given, one record per written case is appended: ``{"case", "shape": input spatial shape,
+            "stages": seconds of read, preprocess, sliding_window, invert, write, "windows": {"run", "skipped"}}``.
 
     Returns:
         The written label files, one per case, in case-name order. Labels are the dataset's label values
@@ -162,6 +148,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if refine_fraction is not None and not 0.0 < refine_fraction <= 1.0:
         raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
     failures: list[InputError] = []
@@ -175,6 +163,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     dev = resolve_device(device)
     if stitch_device != "auto":
         resolve_device(stitch_device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = model_from_checkpoint(ckpt, checkpoint)
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
@@ -186,29 +176,22 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         network = optimize_for_cpu_inference(model)
     pipeline = build_transforms(data_cfg, "infer")
     written = []
+
+    def stitch(spatial: Sequence[int]) -> torch.device:
+        return _stitch_device(stitch_device, dev, data_cfg.out_channels, spatial)
+
     for name in tqdm(sorted(cases), desc="predict", unit="case", disable=len(cases) < 2):
         try:
-            written += _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                     sw_batch_size, save_probabilities, stitch_device, output_format)
+            out, record = predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
+                                       sw_batch_size, save_probabilities, stitch, output_format, skip_background,
+                                       progress=len(cases) == 1)
         except InputError as err:  # a broken file: go on with the other cases, report it at the end
             log.debug("skipping case %s: %s", name, err)
             failures.append(err)
+            continue
+        written.append(out)
+        if timings is not None:
+            timings.append(record)
     if failures:
         raise _failure_report(failures, len(written))
     return written
-
-
-def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
-                  output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
-                  stitch_device: str, output_format: str | None = None) -> list[Path]:
-    """Segment one case and write its label map (and its probabilities); returns ``[label file]``."""
-    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device)
-    if data_cfg.regions:
-        labels = regions_to_labels(probs > 0.5, data_cfg.regions)
-    else:
-        labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
-    probabilities = probs.permute(1, 2, 3, 0).numpy() if save_probabilities else None  # [K, X, Y, Z] -> [X, Y, Z, K]
-    out = write_prediction(output_dir, name, read_grid(paths[0]), labels.numpy(), probabilities, output_format,
-                           data_cfg.segments)
-    log.info("%s -> %s", paths[0].name, out)
-    return [out]
