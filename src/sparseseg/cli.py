@@ -141,6 +141,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="on a GPU, run the windows as replays of captured CUDA graphs (faster at small batches)")
     p.add_argument("--no-cpu-fast-path", action="store_true",
                    help="on the CPU, run the model's standard convolutions (see docs/benchmark.md)")
+    p.add_argument("--no-skip-background", action="store_true",
+                   help="run the model on every window, also those whose input is all background (MRI zeros, CT "
+                        "air); skipping them gives the same output (see docs/pipeline.md, Whole scans)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, one per core)")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.predictor import predict
@@ -149,7 +153,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=args.device,
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
-                          cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction)
+                          cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction,
+                          skip_background=not args.no_skip_background, threads=args.threads)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 

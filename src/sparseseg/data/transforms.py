@@ -15,6 +15,7 @@ from the checkpoint alone. Pipeline, in order (spatial steps are invertible, see
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,7 @@ def invert_to_input(probs: torch.Tensor, image: MetaTensor, pipeline: Compose) -
         return probs.detach().cpu().float()
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
     pred = MetaTensor(probs.detach().cpu().float(), affine=image.affine, meta=meta,
-                      applied_operations=list(image.applied_operations))
+                      applied_operations=copy.deepcopy(list(image.applied_operations)))  # the inverse pops from them
     out = pipeline.inverse({"image": pred})["image"]
     return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
