@@ -126,7 +126,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-fraction", type=float, default=None,
                    help="test-time share of the full-resolution blocks decoded (sparse decoding; 1 = dense)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-format", choices=["nifti", "nrrd", "mha", "dicom-seg"], default=None,
                    help="format of the label maps (default: the input's; NIfTI for a DICOM series): nifti "
@@ -145,6 +146,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="run the model on every window, also those whose input is all background (MRI zeros, CT "
                         "air); skipping them gives the same output (see docs/pipeline.md, Whole scans)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, one per core)")
+    p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=None,
+                   help="crop each scan to its foreground (voxels > 0 after the intensity preset) before the sliding "
+                        "window (default: as the checkpoint was trained); not exact: the windows move")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.predictor import predict
@@ -154,7 +158,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           save_probabilities=args.save_probabilities, stitch_device=args.stitch_device,
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
                           cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction,
-                          skip_background=not args.no_skip_background, threads=args.threads)
+                          skip_background=not args.no_skip_background, threads=args.threads,
+                          crop_foreground=args.crop_foreground)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 

@@ -139,16 +139,17 @@ def inverse_plan(image: MetaTensor, pre_shape: Sequence[int], input_affine: np.n
 def _lerp(x: torch.Tensor, dim: int, lerp: _AxisLerp, rows: slice = slice(None)) -> torch.Tensor:
     shape = [1, 1, 1]
     shape[dim] = -1
-    return (x.index_select(dim, lerp.lo[rows]) * lerp.w_lo[rows].view(shape)
-            + x.index_select(dim, lerp.hi[rows]) * lerp.w_hi[rows].view(shape))
+    at = (slice(None),) * dim
+    out = x[(*at, lerp.lo[rows])].mul_(lerp.w_lo[rows].view(shape))  # advanced indexing: a copy, faster than
+    return out.addcmul_(x[(*at, lerp.hi[rows])], lerp.w_hi[rows].view(shape))  # index_select on inner axes
 
 
 def _map_back_rows(channel: torch.Tensor, plan: list[_AxisLerp], rows: slice) -> torch.Tensor:
     """Rows ``rows`` of the first input axis of one channel ``[d, h, w]`` mapped back onto the input grid."""
     src = channel.permute(*[p.src_axis for p in plan])  # source axes in input-axis order (a view)
     x = _lerp(src, 0, plan[0], rows)  # [d, h, w] -> [rows, h, w]
-    x = _lerp(x, 1, plan[1])  # -> [rows, Y, w]
-    return _lerp(x, 2, plan[2])  # -> [rows, Y, Z]
+    x = _lerp(x, 2, plan[2])  # -> [rows, h, Z]
+    return _lerp(x, 1, plan[1])  # -> [rows, Y, Z]
 
 
 def labels_on_input(probs: torch.Tensor, image: MetaTensor, pipeline, data_cfg: DataConfig,
