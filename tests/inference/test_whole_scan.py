@@ -26,7 +26,7 @@ def _island(shape, fill: float = 0.0, seed: int = 0) -> torch.Tensor:
     return image
 
 
-@pytest.mark.parametrize("shape", [(30, 24, 20), (30, 6, 20)])  # the second is thinner than the ROI: padded
+@pytest.mark.parametrize("shape", [(20, 16, 12), (20, 6, 12)])  # the second is thinner than the ROI: padded
 def test_no_skipping_is_monais_sliding_window(shape):
     model = create_model("tiny_seg", in_channels=1, out_channels=3, feature_size=4).eval()
     image = _island(shape)
@@ -40,9 +40,9 @@ def test_no_skipping_is_monais_sliding_window(shape):
 @pytest.mark.parametrize("name", ["tiny_seg", "stp_mta_unetr"])
 def test_skipping_background_windows_is_exact(name):
     if name == "tiny_seg":
-        model, roi, shape = create_model(name, in_channels=1, out_channels=3, feature_size=4).eval(), 8, (30, 24, 20)
+        model, roi, shape = create_model(name, in_channels=1, out_channels=3, feature_size=4).eval(), 8, (20, 16, 12)
     else:  # a token-pruning model: its top-k sees the same constant window whether skipped or run
-        (model, _), roi, shape = tiny_model(name), 32, (64, 48, 40)
+        (model, _), roi, shape = tiny_model(name), 32, (48, 32, 32)
     image = _island(shape, fill=-1.0)
     skip, full = WindowCounts(), WindowCounts()
     with torch.inference_mode():  # one window per pass: a skipped window's output is bit for bit the one it replaces
@@ -54,7 +54,7 @@ def test_skipping_background_windows_is_exact(name):
 
 def test_skipping_in_batches_differs_by_batch_rounding_only():
     model = create_model("tiny_seg", in_channels=1, out_channels=3, feature_size=4).eval()
-    image = _island((30, 24, 20), fill=-1.0)
+    image = _island((20, 16, 12), fill=-1.0)
     with torch.inference_mode():
         skipped = skipping_sliding_window(model, image, (8, 8, 8), 4, 0.5, background=-1.0)
         run_all = skipping_sliding_window(model, image, (8, 8, 8), 4, 0.5)
@@ -141,8 +141,9 @@ def test_predict_flags(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output",
-                     str(tmp_path / "out"), "--no-skip-background", "--threads", "1"]) == 0
+                     str(tmp_path / "out"), "--no-skip-background", "--threads", "1", "--crop-foreground"]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert seen["skip_background"] is False and seen["threads"] == 1
-    assert (tmp_path / "out" / "scan.nii.gz").exists()
+    assert seen["skip_background"] is False and seen["threads"] == 1 and seen["crop_foreground"] is True
+    assert seen["sw_batch_size"] is None  # 1 window per pass on the CPU
+    assert nib.load(tmp_path / "out" / "scan.nii.gz").shape == (30, 26, 18)  # cropped, then padded back
