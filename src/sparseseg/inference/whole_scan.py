@@ -1,13 +1,15 @@
 """One whole scan through the predictor with bounded memory: read, preprocess, sliding window (skipping
-all-background windows), map back onto the input grid one output channel at a time, write; each stage timed.
+all-background windows), map back onto the input grid, write; each stage timed.
 
 Memory: the only multi-channel volume is the model's output on the *preprocessed* grid (``K`` channels, float32).
-Probabilities are mapped back onto the input grid through the pipeline's MONAI inverse one channel at a time, and
-folded into the label map as they come: a running maximum and argmax for softmax classes, a threshold painted in
-:func:`~sparseseg.data.transforms.region_paint_order` for sigmoid regions. Every channel is resampled alone exactly
-as it is within all channels (interpolation is per channel), so the labels equal those of mapping all channels back
-and taking the argmax (first maximum on ties, as ``torch.argmax``) or thresholding. A ``[X, Y, Z, K]`` probability
-volume on the input grid exists only when it is asked for (``save_probabilities``).
+Orientation, resampling and foreground crop are undone by :func:`inverse_plan` as three 1-D linear interpolations
+(the grids are axis-parallel), a slab of input rows and one channel at a time, folded into the label map as they
+come: a running maximum for softmax classes (ties keep the earlier class, as ``torch.argmax``), thresholds painted
+in :func:`~sparseseg.data.transforms.region_paint_order` for sigmoid regions. MONAI's inverse of one channel of a
+512 x 512 x 300 CT allocates about 4.4 GB (a float64 sampling grid and copies); other spatial transforms still go
+through it (:func:`~sparseseg.data.transforms.invert_to_input`), one channel at a time. Interpolation is per
+channel, so the labels equal those of mapping all channels back and then taking the argmax or thresholds (tests).
+A ``[X, Y, Z, K]`` probability volume on the input grid exists only when it is asked for (``save_probabilities``).
 """
 
 from __future__ import annotations
