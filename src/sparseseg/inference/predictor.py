@@ -113,8 +113,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         output_dir: folder for the label maps (created); must not equal or contain an input.
         prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
         overlap: sliding-window overlap in [0, 1).
-        sw_batch_size: windows per forward pass (None: 1 on the CPU, where a batch of windows is no faster and
-            holds its activations several times over, 4 on a GPU).
+        sw_batch_size: windows per forward pass (None: 1 on the CPU, where a batch holds its activations several
+            times over, see docs/pipeline.md "Whole scans"; 4 on a GPU).
         device: where the model and its windows run (MONAI's ``sw_device``): ``auto``, ``cpu``, ``cuda``, ...
         save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32; ``.nrrd`` /
             ``.mha`` in those formats).
@@ -131,7 +131,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         skip_background: do not run the model on windows whose preprocessed input is all background (MRI zeros,
             CT air); they get the model's output on a constant background window, so the result is the same
             (:func:`~sparseseg.inference.sliding_window.skipping_sliding_window`).
-        threads: ``torch.set_num_threads`` for the run (None: torch's default, one per core).
+        threads: ``torch.set_num_threads`` (process-wide; None: torch's default, one per core).
         timings: if given, one record per written case is appended: ``{"case", "shape": input spatial shape,
             "stages": seconds of read, preprocess, sliding_window, invert, write, "windows": {"run", "skipped"}}``.
         crop_foreground: crop each preprocessed case to its foreground (MONAI's ``CropForegroundd``: voxels > 0)
