@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import sparseseg.inference.predictor as inference_mod
+import sparseseg.inference.whole_scan as inference_mod
 from conftest import save, synthetic_case
 from sparseseg.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.cli import main

@@ -129,7 +129,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="token-pruning models: drop the patch tokens that are all background (MRI 0, CT the window's "
                         "low end) before the first block (faster, not exact; docs/models.md)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--output-format", choices=["nifti", "nrrd", "mha", "dicom-seg"], default=None,
                    help="format of the label maps (default: the input's; NIfTI for a DICOM series): nifti "
@@ -154,6 +155,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: under torchrun on the CPU the cores divided by the "
                         "processes per machine, else torch's choice)")
+    p.add_argument("--no-skip-background", action="store_true",
+                   help="run the model on every window, also those whose input is all background (MRI zeros, CT "
+                        "air); skipping them gives the same output (see docs/pipeline.md, Whole scans)")
+    p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=None,
+                   help="crop each scan to its foreground (MRI: non-zero voxels; CT: > 0 after the window) before "
+                        "the sliding window (default: as the checkpoint was trained); not exact: the windows move")
 
     def run(args: argparse.Namespace) -> int:
         from sparseseg.inference.predictor import predict
@@ -164,7 +171,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                           cuda_graphs=args.cuda_graphs, output_format=args.output_format,
                           cpu_fast_path=not args.no_cpu_fast_path, refine_fraction=args.refine_fraction,
                           skip_existing=args.skip_existing, shard=args.shard, threads=args.threads,
-                          drop_background_tokens=args.drop_background_tokens)
+                          drop_background_tokens=args.drop_background_tokens,
+                          skip_background=not args.no_skip_background, crop_foreground=args.crop_foreground)
         sys.stdout.write(f"wrote {len(written)} prediction(s) to {args.output}\n")
         return 0
 

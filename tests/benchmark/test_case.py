@@ -28,7 +28,7 @@ def test_predict_reports_every_stage_and_the_windows_it_ran(tmp_path):
     timings = []
     predict(ckpt, _case(tmp_path), tmp_path / "out", overlap=0.5, timings=timings)
     (rec,) = timings
-    assert rec["case"] == "scan" and rec["shape"] == [1, 24, 24, 24]
+    assert rec["case"] == "scan" and rec["shape"] == [24, 24, 24]
     assert tuple(rec["stages"]) == STAGES and all(s >= 0 for s in rec["stages"].values())
     assert rec["windows"] == {"run": 5**3, "skipped": 0}  # (24 - 8) / 4 + 1 = 5 positions per axis
 
@@ -66,7 +66,7 @@ def test_case_benchmark_of_two_checkpoints(tmp_path, capsys):
     for rec in records:
         assert set(rec["stages_s"]) == set(STAGES) and rec["peak_rss_mb"] > rec["import_rss_mb"] > 0
         assert rec["wall_s"] >= sum(rec["stages_s"].values()) and rec["process_s"] > rec["wall_s"]
-        assert rec["threads"] == 1 and rec["shape"] == [1, 24, 24, 24]
+        assert rec["threads"] == 1 and rec["shape"] == [24, 24, 24]
     assert [r["windows"]["run"] for r in records] == [8, 8]  # 16^3 windows every 8 voxels: 2 positions per axis
     assert records[0]["speedup"] == records[0]["memory_ratio"] == 1.0
     table = out_md.read_text()

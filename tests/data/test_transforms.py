@@ -99,3 +99,18 @@ def test_bad_config_values():
         _cfg(intensity="pet")
     with pytest.raises(ValueError, match="roi_size"):
         _cfg(roi_size=[16, 16])
+
+
+def test_foreground_crop_keeps_the_non_zero_region_of_mri(tmp_path):
+    """MRI: the crop keeps every non-zero voxel (also those below the mean, negative after the z-score);
+    CT: voxels > 0 after the window, the STP + MTA authors' rule."""
+    img = np.zeros((20, 20, 20), np.float32)
+    img[4:12, 5:15, 6:16] = 50.0  # dim tissue: below the mean of the non-zero voxels
+    img[8:12, 9:13, 10:14] = 400.0
+    path = save(img, tmp_path / "mri.nii.gz")
+    out = build_transforms(_cfg(intensity="mri", crop_foreground=True), "infer")({"image": [str(path)]})["image"]
+    assert tuple(out.shape[1:]) == (8, 10, 10)
+    hu = np.where(img == 0, -1000.0, np.where(img == 50.0, -500.0, 400.0)).astype(np.float32)
+    ct_path = save(hu, tmp_path / "ct.nii.gz")
+    ct = build_transforms(_cfg(intensity="ct", crop_foreground=True), "infer")({"image": [str(ct_path)]})["image"]
+    assert tuple(ct.shape[1:]) == (4, 4, 4)  # only the 400 HU block is above the window's middle (-316 HU)

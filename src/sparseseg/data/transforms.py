@@ -15,6 +15,7 @@ from the checkpoint alone. Pipeline, in order (spatial steps are invertible, see
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -153,6 +154,21 @@ def _spatial(cfg: DataConfig, keys: list[str]) -> list:
     return ts
 
 
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    return x != 0
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    return x > 0
+
+
+def _foreground_rule(cfg: DataConfig):
+    """What ``crop_foreground`` keeps: for ``mri`` the non-zero voxels (the z-score of the non-zero voxels leaves the
+    zeros around a skull-stripped head at 0, so this is nnU-Net's crop to the non-zero region); otherwise MONAI's
+    default, voxels > 0 after the intensity preset (the STP + MTA authors' BTCV crop on the [-1, 1] CT window)."""
+    return _nonzero if cfg.intensity == "mri" else _positive
+
+
 def _intensity(cfg: DataConfig) -> list:
     if cfg.intensity == "ct":
         a_min, a_max, b_min, b_max = cfg.ct_window
@@ -197,7 +213,7 @@ def build_transforms(cfg: DataConfig, mode: str = "train", num_samples: int = 1)
     if mode != "infer" and cfg.regions:
         ts.append(LabelToRegionsd(cfg.regions))
     if cfg.crop_foreground:
-        ts.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+        ts.append(CropForegroundd(keys=keys, source_key="image", select_fn=_foreground_rule(cfg), allow_smaller=True))
     if mode == "train":
         ts += _augment(cfg, num_samples)
     ts.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
@@ -214,9 +230,20 @@ def invert_to_input(probs: torch.Tensor, image: MetaTensor, pipeline: Compose) -
         return probs.detach().cpu().float()
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
     pred = MetaTensor(probs.detach().cpu().float(), affine=image.affine, meta=meta,
-                      applied_operations=list(image.applied_operations))
+                      applied_operations=copy.deepcopy(list(image.applied_operations)))  # the inverse pops from them
     out = pipeline.inverse({"image": pred})["image"]
     return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+
+
+def region_paint_order(regions: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """``(region index, label value)`` in the order :func:`regions_to_labels` paints them: larger regions first,
+    each painting the smallest label value it has beyond the regions nested in it."""
+    sets = [set(r) for r in regions]
+    order = []
+    for i in sorted(range(len(sets)), key=lambda j: -len(sets[j])):
+        nested = set().union(*[s for s in sets if s < sets[i]])
+        order.append((i, min(sets[i] - nested or sets[i])))
+    return order
 
 
 def regions_to_labels(masks: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -225,12 +252,9 @@ def regions_to_labels(masks: torch.Tensor, regions: Sequence[Sequence[int]]) -> 
     Larger regions are painted first; each region paints the label values it has beyond the regions nested in
     it (BraTS: WT -> 1, TC -> 2, ET -> 3, which recovers the MSD Task01 labels).
     """
-    sets = [set(r) for r in regions]
     out = torch.zeros(masks.shape[1:], dtype=torch.uint8, device=masks.device)
-    for i in sorted(range(len(sets)), key=lambda j: -len(sets[j])):
-        nested = set().union(*[s for s in sets if s < sets[i]])
-        own = sets[i] - nested or sets[i]
-        out[masks[i].bool()] = min(own)
+    for i, value in region_paint_order(regions):
+        out[masks[i].bool()] = value
     return out
 
 

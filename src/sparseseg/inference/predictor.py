@@ -1,9 +1,10 @@
 """Sliding-window inference from a checkpoint alone: ``predict(checkpoint, inputs, output_dir)``.
 
 The model (registered name + arguments) and the preprocessing (:class:`~sparseseg.data.transforms.DataConfig`)
-are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding window (Gaussian
-blending), its probabilities are mapped back onto the input's exact grid (shape and affine) by inverting the
-spatial preprocessing, and one label map is written per case in the input's format (nnU-Net naming:
+are rebuilt from the checkpoint. Each case is preprocessed, segmented with MONAI's sliding-window positions and
+Gaussian blending (all-background windows are not run; :mod:`sparseseg.inference.whole_scan`), its probabilities
+are mapped back onto the input's exact grid (shape and affine), one channel at a time, by inverting the spatial
+preprocessing, and one label map is written per case in the input's format (nnU-Net naming:
 ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` -> ``CASE.nii.gz``; see :mod:`sparseseg.data.outputs`).
 
 Examples:
@@ -13,8 +14,7 @@ Examples:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,14 @@ import torch.nn as nn
 from sparseseg.checkpoint import load_checkpoint, model_from_checkpoint
 from sparseseg.config import resolve_device
 from sparseseg.data.cases import check_output_format, collect_cases
-from sparseseg.data.io import check_writable, read_grid
-from sparseseg.data.outputs import write_prediction
-from sparseseg.data.transforms import (
-    DataConfig,
-    build_transforms,
-    invert_to_input,
-    regions_to_labels,
-    unwrap_input_errors,
-)
+from sparseseg.data.io import check_writable
+from sparseseg.data.transforms import DataConfig, build_transforms
 from sparseseg.errors import InputError
 from sparseseg.inference.cuda_graphs import GraphedForward
 from sparseseg.inference.fast_cpu import optimize_for_cpu_inference
 from sparseseg.inference.sharding import case_outputs, current_shard, run_share, set_threads, shard_device
-from sparseseg.inference.sliding_window import Network, sliding_window_logits
+from sparseseg.inference.sliding_window import Network
+from sparseseg.inference.whole_scan import background_value, predict_case
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +66,10 @@ def set_refine_fraction(model: nn.Module, refine_fraction: float, source: str | 
 
 
 def input_background_value(data_cfg: DataConfig) -> float:
-    """The value background voxels have after the checkpoint's preprocessing: the CT window's ``b_min`` (air clipped
-    to it) for ``ct``; 0 for ``mri`` (``NormalizeIntensity(nonzero=True)`` leaves the zeros around a skull-stripped
-    scan at 0) and for ``none`` (values left alone)."""
-    return float(data_cfg.ct_window[2]) if data_cfg.intensity == "ct" else 0.0
+    """The value background voxels have after the checkpoint's preprocessing
+    (:func:`~sparseseg.inference.whole_scan.background_value`), 0 for ``none`` (values left alone)."""
+    value = background_value(data_cfg)
+    return 0.0 if value is None else value
 
 
 def set_drop_background(model: nn.Module, on: bool, background_value: float = 0.0,
@@ -100,51 +94,6 @@ def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], c
     for p in [Path(i).resolve() for i in items] + [f.resolve() for fs in cases.values() for f in fs]:
         if p == out or out in p.parents:
             raise InputError(f"output folder equals or contains the input {p}", output_dir)
-
-
-class _Stopwatch:
-    """Seconds per stage of one case (``lap(name)`` closes the stage that began at the previous lap) and the windows
-    the network ran, for ``predict(..., timings=...)``."""
-
-    def __init__(self) -> None:
-        self.stages: dict[str, float] = {}
-        self.windows = 0
-        self._start = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._start
-        self._start = now
-
-    def counting(self, model: Network) -> Network:
-        def run(x: torch.Tensor) -> torch.Tensor:
-            self.windows += x.shape[0]  # [B, C, *roi] -> B windows
-            return model(x)
-
-        return run
-
-
-def _case_probabilities(model: Network, case: list[Path], data_cfg: DataConfig, pipeline, device: torch.device,
-                        overlap: float, sw_batch_size: int, stitch_device: str = "auto",
-                        watch: _Stopwatch | None = None) -> torch.Tensor:
-    """Probabilities ``[K, X, Y, Z]`` (CPU) on the grid of the case's input file."""
-    watch = watch or _Stopwatch()
-    with unwrap_input_errors():
-        d = pipeline({"image": [str(p) for p in case]}, end=1)  # the reader (LoadCased)
-        watch.lap("read")
-        d = pipeline(d, start=1)
-    image = d["image"].as_tensor()[None]  # [C, d, h, w] -> [1, C, d, h, w]
-    stitch = _stitch_device(stitch_device, device, data_cfg.out_channels, image.shape[2:])
-    image = image.to(stitch)  # the whole volume stays where it is stitched; only the windows go to ``device``
-    watch.lap("preprocess")
-    logits = sliding_window_logits(watch.counting(model), image, data_cfg.roi_size, sw_batch_size, overlap,
-                                   sw_device=device, device=stitch)  # [1, C, d, h, w] -> [1, K, d, h, w]
-    probs = torch.sigmoid(logits[0]) if data_cfg.sigmoid else torch.softmax(logits[0], dim=0)
-    del logits
-    watch.lap("sliding_window")
-    probs = invert_to_input(probs, d["image"], pipeline)  # [K, d, h, w] -> [K, X, Y, Z]
-    watch.lap("invert")
-    return probs
 
 
 # Stitch on the GPU only while its whole-volume buffers (output and weight map, float32) stay below this size.
@@ -172,11 +121,12 @@ def _failure_report(failures: list[InputError], written: int) -> InputError:
 
 @torch.inference_mode()
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], output_dir: str | Path,
-            prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int = 4, device: str = "auto",
-            save_probabilities: bool = False, stitch_device: str = "auto", cuda_graphs: bool = False,
-            output_format: str | None = None, cpu_fast_path: bool = True,
+            prune_ratio: float | None = None, overlap: float = 0.5, sw_batch_size: int | None = None,
+            device: str = "auto", save_probabilities: bool = False, stitch_device: str = "auto",
+            cuda_graphs: bool = False, output_format: str | None = None, cpu_fast_path: bool = True,
             refine_fraction: float | None = None, skip_existing: bool = False, shard: str | None = None,
             threads: int | None = None, drop_background_tokens: bool = False,
+            skip_background: bool = True, crop_foreground: bool | None = None,
             timings: list[dict[str, Any]] | None = None) -> list[Path]:
     """Segment every case of ``inputs`` (files and/or folders) and write ``output_dir/CASE.nii.gz`` (or the
     input's format).
@@ -188,7 +138,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         output_dir: folder for the label maps (created); must not equal or contain an input.
         prune_ratio: test-time token pruning ratio of a sparse model (None keeps the trained one).
         overlap: sliding-window overlap in [0, 1).
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass (None: 1 on the CPU, where a batch holds its activations several
+            times over, see docs/pipeline.md "Whole scans"; 4 on a GPU).
         device: where the model and its windows run (MONAI's ``sw_device``): ``auto``, ``cpu``, ``cuda``, ...
         save_probabilities: also write ``CASE_probabilities.nii.gz`` (``[X, Y, Z, K]`` float32; ``.nrrd`` /
             ``.mha`` in those formats).
@@ -211,10 +162,14 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
         drop_background_tokens: a token-pruning model drops the patch tokens whose window patch is all
             background (:func:`input_background_value`) before its first block (docs/models.md, "Background
             tokens"); not exact: the other tokens no longer attend to them.
-        timings: a list to which one record per written case is appended: ``{"case", "shape"`` (the input
-            ``[C, X, Y, Z]``), ``"stages"`` (seconds of ``read``, ``preprocess``, ``sliding_window``, ``invert``
-            (mapping back, resampling included) and ``write``), ``"windows"`` (``run``: windows the network ran,
-            ``skipped``: 0)``}`` (:mod:`sparseseg.benchmark.case`).
+        skip_background: do not run the model on windows whose preprocessed input is all background (MRI zeros,
+            CT air); they get the model's output on a constant background window, so the result is the same
+            (:func:`~sparseseg.inference.sliding_window.skipping_sliding_window`).
+        timings: if given, one record per written case is appended: ``{"case", "shape": input spatial shape,
+            "stages": seconds of read, preprocess, sliding_window, invert, write, "windows": {"run", "skipped"}}``.
+        crop_foreground: crop each preprocessed case to its foreground (MONAI's ``CropForegroundd``: non-zero
+            voxels for MRI, > 0 otherwise) before the sliding window and pad the result back (None: as the
+            checkpoint was trained). Not exact: the windows move with the crop.
 
     Returns:
         The label files this process wrote, one per case, in case-name order (cases skipped or in another
@@ -229,10 +184,12 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     shard_info = current_shard(shard)
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
+    if sw_batch_size is not None and sw_batch_size < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if refine_fraction is not None and not 0.0 < refine_fraction <= 1.0:
         raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
     ckpt = load_checkpoint(checkpoint)
     data_cfg = DataConfig.from_dict(ckpt["data"])
     failures: list[InputError] = []
@@ -247,6 +204,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     check_writable(output_dir)
     dev = shard_device(device, shard_info)
     set_threads(threads, shard_info, dev)
+    if sw_batch_size is None:
+        sw_batch_size = 1 if dev.type == "cpu" else 4
     if stitch_device != "auto":
         resolve_device(stitch_device)
     model = model_from_checkpoint(ckpt, checkpoint)
@@ -260,11 +219,17 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     network = GraphedForward(model, clone_outputs=True) if cuda_graphs and dev.type == "cuda" else model
     if cpu_fast_path and dev.type == "cpu":
         network = optimize_for_cpu_inference(model)
+    if crop_foreground is not None:
+        data_cfg.crop_foreground = crop_foreground
     pipeline = build_transforms(data_cfg, "infer")
+
+    def stitch(spatial: Sequence[int]) -> torch.device:
+        return _stitch_device(stitch_device, dev, data_cfg.out_channels, spatial)
+
     share = run_share(
         cases, lambda name: _predict_case(network, name, cases[name], data_cfg, pipeline, dev, output_dir, overlap,
-                                          sw_batch_size, save_probabilities, stitch_device, output_format,
-                                          timings),
+                                          sw_batch_size, save_probabilities, stitch, output_format, skip_background,
+                                          len(cases) == 1, timings),
         lambda name: case_outputs(name, cases[name], output_dir, output_format, save_probabilities), shard_info,
         skip_existing)
     failures += share.failures
@@ -275,21 +240,12 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
 
 def _predict_case(model: Network, name: str, paths: list[Path], data_cfg: DataConfig, pipeline, dev: torch.device,
                   output_dir: Path, overlap: float, sw_batch_size: int, save_probabilities: bool,
-                  stitch_device: str, output_format: str | None = None,
-                  timings: list[dict[str, Any]] | None = None) -> list[Path]:
-    """Segment one case and write its label map (and its probabilities); returns ``[label file]``."""
-    watch = _Stopwatch()
-    probs = _case_probabilities(model, paths, data_cfg, pipeline, dev, overlap, sw_batch_size, stitch_device, watch)
-    if data_cfg.regions:
-        labels = regions_to_labels(probs > 0.5, data_cfg.regions)
-    else:
-        labels = probs.argmax(0).to(torch.uint8)  # [K, X, Y, Z] -> [X, Y, Z]
-    probabilities = probs.permute(1, 2, 3, 0).numpy() if save_probabilities else None  # [K, X, Y, Z] -> [X, Y, Z, K]
-    out = write_prediction(output_dir, name, read_grid(paths[0]), labels.numpy(), probabilities, output_format,
-                           data_cfg.segments)
-    watch.lap("write")
+                  stitch: Callable[[Sequence[int]], torch.device], output_format: str | None, skip_background: bool,
+                  progress: bool, timings: list[dict[str, Any]] | None) -> list[Path]:
+    """Segment one case and write its label map (and its probabilities); returns ``[label file]`` and appends
+    the case's record to ``timings`` (:func:`sparseseg.inference.whole_scan.predict_case`)."""
+    out, record = predict_case(model, name, paths, data_cfg, pipeline, dev, output_dir, overlap, sw_batch_size,
+                               save_probabilities, stitch, output_format, skip_background, progress=progress)
     if timings is not None:
-        timings.append({"case": name, "shape": [data_cfg.in_channels, *probs.shape[1:]], "stages": watch.stages,
-                        "windows": {"run": watch.windows, "skipped": 0}})
-    log.info("%s -> %s", paths[0].name, out)
+        timings.append(record)
     return [out]
