@@ -241,7 +241,16 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", nargs="+", default=None, metavar="FILE",
                    help="--case: checkpoints to compare, the baseline first (default: untrained --models of --preset)")
     p.add_argument("--overlap", type=float, default=0.5, help="--case: sliding-window overlap (default 0.5)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="--case: windows per forward pass (default 4)")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="--case: windows per forward pass (default: predict's, 1 on the CPU and 4 on a GPU)")
+    p.add_argument("--no-skip-background", action="store_true",
+                   help="--case: run every window, also the all-background ones (predict --no-skip-background)")
+    p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=None,
+                   help="--case: crop each scan to its foreground first (predict --crop-foreground; default: as "
+                        "each checkpoint was trained)")
+    p.add_argument("--drop-background-tokens", action="store_true",
+                   help="--case: the models that can drop all-background patch tokens do (predict "
+                        "--drop-background-tokens)")
     p.add_argument("--prune-ratio", type=float, default=None,
                    help="--case: test-time pruning ratio of the models that prune tokens (default: each one's own)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the records as JSON")
@@ -286,7 +295,9 @@ def _benchmark_cases(args: argparse.Namespace) -> int:
     repeats = 1 if args.repeats is None else args.repeats
     records = benchmark_cases(args.case, args.checkpoint, models, args.preset, repeats=repeats, threads=args.threads,
                               overlap=args.overlap, sw_batch_size=args.sw_batch_size, prune_ratio=args.prune_ratio,
-                              device=args.device, cpu_fast_path=not args.no_cpu_fast_path)
+                              device=args.device, cpu_fast_path=not args.no_cpu_fast_path,
+                              skip_background=not args.no_skip_background, crop_foreground=args.crop_foreground,
+                              drop_background_tokens=args.drop_background_tokens)
     if args.json:
         write_json(records, args.json)
     if args.markdown:

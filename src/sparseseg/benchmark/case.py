@@ -184,10 +184,13 @@ def benchmark_cases(
     repeats: int = 1,
     threads: int | None = None,
     overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | None = None,
     prune_ratio: float | None = None,
     device: str = "cpu",
     cpu_fast_path: bool = True,
+    skip_background: bool = True,
+    crop_foreground: bool | None = None,
+    drop_background_tokens: bool = False,
 ) -> list[dict[str, Any]]:
     """Time ``predict`` on every case of ``inputs`` with every checkpoint, each run in a fresh child process
     (module docstring).
@@ -200,8 +203,9 @@ def benchmark_cases(
         preset: ``btcv`` or ``brats``: model preset and preprocessing of the untrained checkpoints.
         repeats: rounds of runs (every model once per case per round).
         threads: ``torch.set_num_threads`` in every child (None: torch's default).
-        overlap, sw_batch_size, prune_ratio, device, cpu_fast_path: passed to ``predict``; ``prune_ratio`` only to
-            the checkpoints of models that prune tokens.
+        overlap, sw_batch_size, prune_ratio, device, cpu_fast_path, skip_background, crop_foreground,
+            drop_background_tokens: passed to ``predict`` (None: its defaults); ``prune_ratio`` and
+            ``drop_background_tokens`` only to the checkpoints of models that have them.
 
     Returns:
         One record per (case, checkpoint), in case order then checkpoint order; see docs/benchmark.md for the keys.
@@ -212,7 +216,7 @@ def benchmark_cases(
         raise InputError(f"threads must be >= 1, got {threads}")
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
+    if sw_batch_size is not None and sw_batch_size < 1:
         raise InputError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if checkpoints and models:
         raise InputError("give checkpoints or models (with a preset), not both")
@@ -222,15 +226,17 @@ def benchmark_cases(
     try:
         if not checkpoints:
             checkpoints = [untrained_checkpoint(m, preset, workdir / f"{m}.pt") for m in models]
+        options = {"skip_background": skip_background, "crop_foreground": crop_foreground,
+                   "drop_background_tokens": drop_background_tokens}
         return _measure(inputs, [Path(c) for c in checkpoints], workdir, repeats, threads, overlap, sw_batch_size,
-                        prune_ratio, device, cpu_fast_path)
+                        prune_ratio, device, cpu_fast_path, options)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _measure(inputs: Sequence[str | Path], checkpoints: list[Path], workdir: Path, repeats: int,
-             threads: int | None, overlap: float, sw_batch_size: int, prune_ratio: float | None, device: str,
-             cpu_fast_path: bool) -> list[dict[str, Any]]:
+             threads: int | None, overlap: float, sw_batch_size: int | None, prune_ratio: float | None, device: str,
+             cpu_fast_path: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
     from sparseseg.data.cases import collect_cases
     from sparseseg.models.common.registry import model_arguments
     from sparseseg.runtime import cpu_allocator
@@ -242,18 +248,22 @@ def _measure(inputs: Sequence[str | Path], checkpoints: list[Path], workdir: Pat
                          "feed them all")
     cases = collect_cases(inputs, channels.pop())
     settings = {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": device, "cpu_fast_path": cpu_fast_path,
-                "cpu_allocator": cpu_allocator()}
+                "cpu_allocator": cpu_allocator(), **options}
     records = []
     for name in sorted(cases):
         runs: list[list[dict[str, Any]]] = [[] for _ in checkpoints]
         for r in range(repeats):
             for i, (ckpt, info) in enumerate(zip(checkpoints, infos, strict=True)):
-                ratio = prune_ratio if "prune_ratio" in model_arguments(info["model"]) else None
+                accepts = model_arguments(info["model"])
+                ratio = prune_ratio if "prune_ratio" in accepts else None
+                drop = options["drop_background_tokens"] and "drop_background" in accepts
                 out = workdir / f"out_{i}"
                 spec = {"checkpoint": str(ckpt), "inputs": [str(p) for p in cases[name]], "output": str(out),
                         "case": name, "threads": threads, "cpu_allocator": settings["cpu_allocator"],
                         "predict": {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": device,
-                                    "cpu_fast_path": cpu_fast_path, "prune_ratio": ratio}}
+                                    "cpu_fast_path": cpu_fast_path, "prune_ratio": ratio,
+                                    "skip_background": options["skip_background"],
+                                    "crop_foreground": options["crop_foreground"], "drop_background_tokens": drop}}
                 log.info("[%s, round %d/%d] %s (%s)", name, r + 1, repeats, info["model"], ckpt.name)
                 try:
                     run = _run_child(spec)
@@ -276,8 +286,11 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     first = records[0]
     head = (f"device `{first['device']}`, {first['threads']} thread(s), torch {first['torch_version']}, CPU allocator "
             f"{first['cpu_allocator']}, CPU fast path {'on' if first['cpu_fast_path'] else 'off'}, overlap "
-            f"{first['overlap']:g}, window batch {first['sw_batch_size']}, repeats {first['repeats']} (medians; peak: "
-            f"largest), baseline `{first['baseline']}`; one fresh process per run\n\n")
+            f"{first['overlap']:g}, window batch {first['sw_batch_size'] or 'default'}, background windows "
+            f"{'skipped' if first.get('skip_background', True) else 'run'}, foreground crop "
+            f"{ {None: 'as trained', True: 'on', False: 'off'}[first.get('crop_foreground')]}, background tokens "
+            f"{'dropped' if first.get('drop_background_tokens') else 'kept'}, repeats {first['repeats']} (medians; "
+            f"peak: largest), baseline `{first['baseline']}`; one fresh process per run\n\n")
     cols = ["case", "shape", "model", "r", "windows run / skipped", *(f"{s} s" for s in STAGES), "predict s",
             "process s", "peak RSS MB", "speedup", "memory ratio"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
