@@ -209,6 +209,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], o
     if stitch_device != "auto":
         resolve_device(stitch_device)
     model = model_from_checkpoint(ckpt, checkpoint)
+    del ckpt  # the loaded weights are copied into the model: do not hold them twice while the scans run
     if prune_ratio is not None:
         set_prune_ratio(model, prune_ratio, checkpoint)
     if refine_fraction is not None:
