@@ -150,7 +150,9 @@ def _spatial(cfg: DataConfig, keys: list[str]) -> list:
         ts.append(Orientationd(keys=keys, axcodes=cfg.orientation, labels=None))
     if cfg.target_spacing:
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-        ts.append(Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=modes))
+        # Resampled in float32, the images' own type: MONAI's float64 default holds the volume and its sampling
+        # grid twice over (an abdominal CT of 512 x 512 x 300: 2.3 GB peak against 1.3 GB).
+        ts.append(Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=modes, dtype=np.float32))
     return ts
 
 
