@@ -309,9 +309,9 @@ def write_markdown(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    sys.stdout.write(json.dumps(_child(json.loads(argv[0]))) + "\n")
-    return 0
+    from sparseseg.benchmark.memory import child_main
+
+    return child_main(_child, argv)
 
 
 if __name__ == "__main__":

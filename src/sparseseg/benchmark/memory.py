@@ -21,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from sparseseg.errors import SparsesegError
@@ -87,10 +88,16 @@ def _child(spec: dict[str, Any]) -> dict[str, float]:
     return {"import_mb": import_mb, "model_mb": model_mb, "peak_mb": _maxrss_mb()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def child_main(child: Callable[[dict[str, Any]], dict[str, Any]], argv: list[str] | None = None) -> int:
+    """Entry point of a measuring child process: ``child(spec)`` on the JSON spec of ``argv[0]``, its record
+    printed as one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
-    sys.stdout.write(json.dumps(_child(json.loads(argv[0]))) + "\n")
+    sys.stdout.write(json.dumps(child(json.loads(argv[0]))) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return child_main(_child, argv)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,7 @@ def set_refine_fraction(model: nn.Module, refine_fraction: float, source: str | 
     in (0, 1], 1 = dense); a model without sparse decoding raises InputError."""
     if not 0.0 < refine_fraction <= 1.0:
         raise InputError(f"refine fraction must be in (0, 1], got {refine_fraction}", source)
-    if not hasattr(model, "refine_fraction"):
-        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} has no sparse decoding "
-                         "(refine fraction)", source)
-    try:
-        model.refine_fraction = refine_fraction
-    except ValueError as err:
-        raise InputError(str(err), source) from err
+    _set_option(model, "refine_fraction", refine_fraction, "has no sparse decoding (refine fraction)", source)
 
 
 def input_background_value(data_cfg: DataConfig) -> float:
@@ -76,14 +70,19 @@ def set_drop_background(model: nn.Module, on: bool, background_value: float = 0.
                         source: str | Path | None = None) -> None:
     """Test-time background token dropping (``stp_mta_unetr``'s ``drop_background``: patch tokens whose input
     patch equals ``background_value`` everywhere skip the encoder); a model without it raises InputError."""
-    if not hasattr(model, "drop_background"):
-        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} cannot drop background "
-                         "tokens", source)
+    _set_option(model, "drop_background", on, "cannot drop background tokens", source)
+    _set_option(model, "background_value", background_value, "cannot drop background tokens", source)
+
+
+def _set_option(model: nn.Module, name: str, value: object, missing: str, source: str | Path | None) -> None:
+    """``setattr(model, name, value)`` for a test-time option; InputError when the model lacks it (``missing``
+    says what it cannot do) or refuses the value (its ValueError)."""
+    if not hasattr(model, name):
+        raise InputError(f"model {getattr(model, 'model_name', type(model).__name__)!r} {missing}", source)
     try:
-        model.background_value = background_value
+        setattr(model, name, value)
     except ValueError as err:
         raise InputError(str(err), source) from err
-    model.drop_background = on
 
 
 def _check_output(output_dir: Path, inputs: str | Path | Sequence[str | Path], cases: dict[str, list[Path]]) -> None:
